@@ -1,0 +1,491 @@
+"""Mamba® (Mamba-R): Vision Mamba with registers evenly interleaved among the patch tokens.
+
+"Vision Mamba ALSO Needs Registers" (Wang et al., CVPR 2025). The module reads top-down:
+norm and patch embedding, the bidirectional Mamba-1 mixer, the block, the backbone shared with
+the Vim baseline, the Mamba® model (token layout and register-recycling head), checkpoint
+helpers, and the registered constructors.
+
+Parameter names and shapes follow the released checkpoints exactly, so
+``model.load_state_dict(torch.load(path, weights_only=True)["model"])`` works with strict=True.
+The selective scan is pluggable (``selective_scan.py``); nothing here imports a CUDA extension.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, lecun_normal_, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from selective_scan import (describe_backends, get_scan, load_causal_conv1d, requested_backend,
+                            resolve_backend)
+
+__all__ = ["MambaR", "VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm",
+           "CheckpointError", "load_state_dict_file", "check_state_dict", "load_checkpoint"]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a weight only (eps 1e-5), computed in fp32, returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches via a strided conv; the grid is fixed by the build-time img_size."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input size {img_size} is not a multiple of the patch size "
+                             f"{patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for "
+                             f"{self.img_size}x{self.img_size}; build it with img_size="
+                             f"{x.shape[-1]} (and --finetune to resize pos_embed)")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, reverse: bool) -> torch.Tensor:
+    """Causal depthwise conv + SiLU; with ``reverse`` the anti-causal twin.
+
+    The anti-causal conv with the kernel mirrored equals flip -> causal conv -> flip, so the
+    backward direction needs no flipped copy of the sequence.
+    """
+    k = conv.kernel_size[0]
+    length = x.shape[-1]
+    if reverse:
+        out = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=k - 1, groups=x.shape[1])
+        return F.silu(out[..., k - 1:])
+    out = F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=x.shape[1])
+    return F.silu(out[..., :length])
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba-1 mixer ("bimamba v2", outputs averaged).
+
+    One in_proj/out_proj; per direction its own conv1d, x_proj, dt_proj, A_log, D (backward
+    names end in ``_b``). The backward direction is the same computation on the reversed
+    sequence; it is run as a reverse-time scan over the same ``xz`` rather than on flipped
+    copies, except for mamba-ssm's kernels, which only scan forwards.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 scan_backend: Optional[str] = None):
+        super().__init__()
+        self.d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16)
+        self.scan_backend = requested_backend(scan_backend)
+        e, n, r = self.d_inner, d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e)
+        self.conv1d_b = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj_b = nn.Linear(r, e)
+        a_log = torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1)
+        self.A_log = nn.Parameter(a_log.clone())
+        self.A_b_log = nn.Parameter(a_log.clone())
+        self.D = nn.Parameter(torch.ones(e))
+        self.D_b = nn.Parameter(torch.ones(e))
+        self.out_proj = nn.Linear(e, d_model, bias=False)
+
+        # Only the forward dt_proj gets Mamba's dt init; the backward one keeps nn.Linear's
+        # default weight and (after the model-wide bias reset) a zero bias, as the official code.
+        nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D)."""
+        backend = resolve_backend(self.scan_backend, hidden.device)
+        xz = self.in_proj(hidden).transpose(1, 2)            # (B, 2E, L), a view
+        x, z = xz.chunk(2, dim=1)
+        out_f = self._scan_direction(x, z, backend, reverse=False)
+        out_b = self._scan_direction(x, z, backend, reverse=True)
+        return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
+
+    def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, backend: str,
+                        reverse: bool) -> torch.Tensor:
+        if reverse:
+            conv, x_proj, dt_proj, a_log, d = (self.conv1d_b, self.x_proj_b, self.dt_proj_b,
+                                               self.A_b_log, self.D_b)
+        else:
+            conv, x_proj, dt_proj, a_log, d = (self.conv1d, self.x_proj, self.dt_proj,
+                                               self.A_log, self.D)
+        fast_conv = load_causal_conv1d() if backend == "cuda" else None
+        if fast_conv is not None:
+            src = x.flip(-1) if reverse else x
+            u = fast_conv(src.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
+            u = u.flip(-1) if reverse else u
+        else:
+            u = _depthwise_conv(x, conv, reverse)
+        x_dbl = x_proj(u.transpose(1, 2))                    # (B, L, R + 2N)
+        dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias goes to the scan
+        scan = get_scan(backend)
+        return scan(u, delta, -torch.exp(a_log.float()), b_ssm.transpose(1, 2),
+                    c_ssm.transpose(1, 2), d.float(), z, dt_proj.bias.float(),
+                    delta_softplus=True, reverse=reverse)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block with the add fused into the norm: r <- r + drop_path(h);
+    h <- mixer(RMSNorm(r)). The residual stream r is kept in fp32."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, scan_backend: Optional[str] = None):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mixer = BiMambaMixer(dim, scan_backend=scan_backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden.float()
+        else:
+            residual = residual + self.drop_path(hidden).float()
+        return self.mixer(self.norm(residual)), residual
+
+
+class VisionMambaBackbone(nn.Module):
+    """What Mamba® and Vim share: patch embedding, the block stack, norm_f and the init.
+
+    Subclasses decide the token layout (``embed_tokens``) and the read-out (``forward_head``).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 drop_block_rate: Optional[float] = None, scan_backend: Optional[str] = None):
+        super().__init__()
+        if drop_block_rate:
+            raise ValueError("drop_block_rate is not supported by Mamba models")
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.depth = depth
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        block_rates = [0.0] + dpr
+        self.layers = nn.ModuleList(
+            Block(embed_dim, drop_path=block_rates[i], scan_backend=scan_backend)
+            for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(embed_dim)
+        self.scan_backend = requested_backend(scan_backend)
+        _report_backend_once(self.scan_backend)
+
+    def _init_weights(self, head_modules: Sequence[nn.Module],
+                      embeddings: Sequence[nn.Parameter]) -> None:
+        """The official initialisation; Linear biases are zeroed everywhere except the
+        forward dt_proj.bias, and each out_proj is rescaled by 1/sqrt(depth)."""
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for module in head_modules:
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for param in embeddings:
+            trunc_normal_(param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None \
+                    and not getattr(module.bias, "_no_reinit", False):
+                nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            with torch.no_grad():
+                out_proj /= math.sqrt(self.depth)
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_stream(self, x: torch.Tensor, return_residuals: bool = False
+                       ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Images -> norm_f(tokens) (B, T, D), and optionally the fp32 residual stream leaving
+        every block (r + h after block i, what block i+1 normalises), each (B, T, D)."""
+        hidden, residual = self.embed_tokens(x), None
+        stream = []
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+            if return_residuals:
+                stream.append(residual + hidden.float())
+        return self.norm_f(residual + self.drop_path(hidden).float()), stream
+
+
+class MambaR(VisionMambaBackbone):
+    """Mamba®: n registers evenly interleaved among the patches; the head reads the registers.
+
+    With N patches and L = N // (n + 1) the sequence is
+    ``L patches, R0, L patches, R1, ..., L patches, R(n-1), the remaining patches``.
+    The layout is fixed by ``img_size`` when the model is built.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
+                 num_registers: int = 12, neck_reduction: int = 1, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, drop_block_rate: Optional[float] = None,
+                 scan_backend: Optional[str] = None):
+        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth,
+                         drop_rate, drop_path_rate, drop_block_rate, scan_backend)
+        self.num_registers = num_registers
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+        self.pos_embed_cls = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
+
+        positions = register_positions(num_patches, num_registers)
+        is_register = torch.zeros(num_patches + num_registers, dtype=torch.bool)
+        is_register[positions] = True
+        # Sequence slot -> index into cat([patches, registers]); used to lay out and read out.
+        order = torch.empty(num_patches + num_registers, dtype=torch.long)
+        order[~is_register] = torch.arange(num_patches)
+        order[is_register] = num_patches + torch.arange(num_registers)
+        self.register_buffer("token_order", order, persistent=False)
+        self.register_buffer("register_index", torch.tensor(positions), persistent=False)
+        self.register_buffer("patch_index", torch.nonzero(~is_register).flatten(),
+                             persistent=False)
+
+        self.neck_reduction = neck_reduction
+        head_dim = num_registers * embed_dim // neck_reduction
+        if neck_reduction > 1:
+            self.neck = nn.Linear(embed_dim, embed_dim // neck_reduction, bias=False)
+            self.norm_neck = RMSNorm(head_dim)
+        self.head = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        head_modules = [m for m in (getattr(self, "neck", None), self.head)
+                        if isinstance(m, nn.Linear)]
+        self._init_weights(head_modules, [self.pos_embed, self.cls_token, self.pos_embed_cls])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token", "pos_embed_cls"}
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        registers = (self.cls_token + self.pos_embed_cls).expand(x.shape[0], -1, -1)
+        return torch.cat([patches, registers.to(patches.dtype)], dim=1)[:, self.token_order]
+
+    def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, N + n, D) sequence -> patches in raster order (B, N, D), registers (B, n, D)."""
+        return tokens[:, self.patch_index], tokens[:, self.register_index]
+
+    def forward_features(self, x: torch.Tensor, return_residuals: bool = False
+                         ) -> Dict[str, object]:
+        """Tokens for analysis: ``patch_tokens`` (B, H*W, D) in raster order and
+        ``register_tokens`` (B, n, D) after norm_f; with ``return_residuals`` also
+        ``residual_patch_tokens`` / ``residual_register_tokens``, one fp32 tensor per block."""
+        tokens, stream = self.forward_stream(x, return_residuals)
+        patches, registers = self.split_tokens(tokens)
+        out = {"patch_tokens": patches, "register_tokens": registers}
+        if return_residuals:
+            split = [self.split_tokens(r) for r in stream]
+            out["residual_patch_tokens"] = [p for p, _ in split]
+            out["residual_register_tokens"] = [r for _, r in split]
+        return out
+
+    def forward_head(self, registers: torch.Tensor) -> torch.Tensor:
+        """Register recycling: (neck per register ->) flatten in sequence order (-> norm_neck)
+        -> head."""
+        if self.neck_reduction > 1:
+            registers = self.norm_neck(self.neck(registers).flatten(1))
+        else:
+            registers = registers.flatten(1)
+        return self.head(registers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.forward_stream(x)
+        return self.forward_head(tokens[:, self.register_index])
+
+    def interpolate_pos_embed(self, state_dict: Dict[str, torch.Tensor]
+                              ) -> Dict[str, torch.Tensor]:
+        """A copy of ``state_dict`` with pos_embed resized (bicubic) to this model's grid."""
+        state_dict = dict(state_dict)
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"],
+                                                       self.patch_embed.grid_size)
+        return state_dict
+
+
+def register_positions(num_patches: int, num_registers: int) -> List[int]:
+    """Sequence positions of the registers under even insertion: L, 2L+1, 3L+2, ..."""
+    step = num_patches // (num_registers + 1)
+    return [step + k * (step + 1) for k in range(num_registers)]
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a (1, h*w, D) square-grid patch position embedding to ``grid``."""
+    num = pos_embed.shape[1]
+    side = int(round(math.sqrt(num)))
+    if side * side != num:
+        raise ValueError(f"pos_embed has {num} positions, not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid_in = pos_embed.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(grid_in, size=tuple(grid), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+
+
+_REPORTED = set()
+
+
+def _report_backend_once(name: str) -> None:
+    if name not in _REPORTED:
+        _REPORTED.add(name)
+        print(f"[models_mambar] {describe_backends(name)}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """Load a checkpoint safely (weights_only) and return its model state dict.
+
+    Accepts ``{"model": state_dict}`` (the released format and ours) or a bare state dict.
+    A file that needs arbitrary code to unpickle is refused, never executed.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint path is a directory: {path}") from None
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"refusing to load {path}: it is not plain tensor data "
+                              f"(weights_only load failed: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                              ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no model state dict (expected {{'model': "
+                              f"state_dict}} or a state dict)")
+    return obj
+
+
+def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
+                     ) -> Tuple[List[str], List[str], List[str]]:
+    """Missing, unexpected and wrong-shape keys of ``state_dict`` against ``model``."""
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    mismatched = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model "
+                        f"{tuple(own[k].shape)}"
+                        for k in own if k in state_dict and state_dict[k].shape != own[k].shape)
+    return missing, unexpected, mismatched
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Load a checkpoint file into ``model``; with ``strict`` any key problem is an error that
+    names the keys, otherwise the problems are printed."""
+    state_dict = load_state_dict_file(path)
+    missing, unexpected, mismatched = check_state_dict(model, state_dict)
+    problems = [f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("wrong shapes", mismatched)) if keys]
+    if problems and strict:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: "
+                              + "; ".join(problems))
+    for problem in problems:
+        print(f"[load_checkpoint] {path}: {problem}")
+    usable = {k: v for k, v in state_dict.items()
+              if k in model.state_dict() and v.shape == model.state_dict()[k].shape}
+    model.load_state_dict(usable, strict=False)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaR
+                         ) -> Dict[str, torch.Tensor]:
+    """timm pretrained hook: unwrap ``{"model": ...}`` and fit pos_embed to the model's grid."""
+    if isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]
+    return model.interpolate_pos_embed(state_dict)
+
+
+# --------------------------------------------------------------------------- registry
+
+def _cfg(**kwargs) -> dict:
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+            "crop_pct": 1.0, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
+            "classifier": "head", **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    "mambar_tiny_patch16_224": _cfg(),
+    "mambar_small_patch16_224": _cfg(),
+    "mambar_base_patch16_224": _cfg(),
+    "mambar_large_patch16_224": _cfg(),
+})
+
+_SIZES = {
+    "mambar_tiny_patch16_224": dict(embed_dim=192, depth=24, num_registers=12, neck_reduction=1),
+    "mambar_small_patch16_224": dict(embed_dim=384, depth=24, num_registers=12,
+                                     neck_reduction=2),
+    "mambar_base_patch16_224": dict(embed_dim=768, depth=24, num_registers=12, neck_reduction=4),
+    "mambar_large_patch16_224": dict(embed_dim=1024, depth=48, num_registers=16,
+                                     neck_reduction=8),
+}
+
+
+def _create_mambar(variant: str, pretrained: bool = False, **kwargs) -> MambaR:
+    kwargs.setdefault("img_size", 224)
+    kwargs = {**_SIZES[variant], **kwargs}
+    return build_model_with_cfg(MambaR, variant, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def mambar_tiny_patch16_224(pretrained: bool = False, **kwargs) -> MambaR:
+    return _create_mambar("mambar_tiny_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def mambar_small_patch16_224(pretrained: bool = False, **kwargs) -> MambaR:
+    return _create_mambar("mambar_small_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def mambar_base_patch16_224(pretrained: bool = False, **kwargs) -> MambaR:
+    return _create_mambar("mambar_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def mambar_large_patch16_224(pretrained: bool = False, **kwargs) -> MambaR:
+    return _create_mambar("mambar_large_patch16_224", pretrained, **kwargs)
