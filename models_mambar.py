@@ -193,7 +193,7 @@ class VisionMambaBackbone(nn.Module):
         self.img_size = img_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         block_rates = [0.0] + dpr
         self.layers = nn.ModuleList(
             Block(embed_dim, drop_path=block_rates[i], scan_backend=scan_backend)
@@ -263,16 +263,17 @@ class MambaR(VisionMambaBackbone):
         self.pos_embed_cls = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
 
         positions = register_positions(num_patches, num_registers)
-        is_register = torch.zeros(num_patches + num_registers, dtype=torch.bool)
-        is_register[positions] = True
-        # Sequence slot -> index into cat([patches, registers]); used to lay out and read out.
-        order = torch.empty(num_patches + num_registers, dtype=torch.long)
-        order[~is_register] = torch.arange(num_patches)
-        order[is_register] = num_patches + torch.arange(num_registers)
-        self.register_buffer("token_order", order, persistent=False)
+        slots = range(num_patches + num_registers)
+        patch_slots = [i for i in slots if i not in set(positions)]
+        # Sequence slot -> index into cat([patches, registers]); used to lay out the tokens.
+        order = [0] * len(slots)
+        for patch, slot in enumerate(patch_slots):
+            order[slot] = patch
+        for k, slot in enumerate(positions):
+            order[slot] = num_patches + k
+        self.register_buffer("token_order", torch.tensor(order), persistent=False)
         self.register_buffer("register_index", torch.tensor(positions), persistent=False)
-        self.register_buffer("patch_index", torch.nonzero(~is_register).flatten(),
-                             persistent=False)
+        self.register_buffer("patch_index", torch.tensor(patch_slots), persistent=False)
 
         self.neck_reduction = neck_reduction
         head_dim = num_registers * embed_dim // neck_reduction

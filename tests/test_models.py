@@ -1,0 +1,260 @@
+"""Mamba®: checkpoint layout, token layout, the mixer's math, init, and training sanity."""
+import json
+import math
+import os
+import pathlib
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import models_mambar as mm
+from selective_scan import selective_scan_reference
+
+SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "spec"
+if not SPEC.exists():
+    SPEC = pathlib.Path(os.environ.get("MAMBAR_SPEC_DIR", "../shared/spec"))
+PARAM_COUNTS = {
+    "mambar_tiny_patch16_224": 9_264_232,
+    "mambar_small_patch16_224": 27_801_064,
+    "mambar_base_patch16_224": 99_301_096,
+    "mambar_large_patch16_224": 341_222_376,
+}
+
+
+def small_model(img_size=32, **kwargs):
+    cfg = dict(img_size=img_size, embed_dim=32, depth=2, num_registers=4, neck_reduction=2,
+               num_classes=5)
+    cfg.update(kwargs)
+    return mm.MambaR(**cfg)
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_layout_matches_released_checkpoints(name):
+    layout_file = SPEC / "official_state_dict_layout.json"
+    if not layout_file.exists():
+        pytest.skip(f"spec not found at {layout_file}")
+    layout = json.loads(layout_file.read_text())[name]
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=1000, drop_rate=0.0,
+                                  drop_path_rate=0.1, drop_block_rate=None, img_size=224)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(shapes) == sorted(layout)
+    assert shapes == layout
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+
+
+def test_released_format_loads_strict(tmp_path):
+    src = small_model()
+    path = tmp_path / "released.pth"
+    torch.save({"model": src.state_dict()}, path)
+    dst = small_model()
+    mm.load_checkpoint(dst, str(path), strict=True)
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    bare = tmp_path / "bare.pth"
+    torch.save(src.state_dict(), bare)
+    assert set(mm.load_state_dict_file(str(bare))) == set(src.state_dict())
+
+
+def test_loader_names_bad_keys(tmp_path):
+    state = small_model().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm_f.weight"]
+    state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(mm.CheckpointError) as err:
+        mm.load_checkpoint(small_model(), str(path))
+    message = str(err.value)
+    assert "norm_f.weight" in message and "extra.weight" in message
+    assert "head.weight: checkpoint (7, 64) vs model (5, 64)" in message
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_loader_refuses_pickled_code_and_corrupt_files(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Payload()}, evil)
+    with pytest.raises(mm.CheckpointError, match="refusing to load .*evil.pth"):
+        mm.load_state_dict_file(str(evil))
+    good = tmp_path / "good.pth"
+    torch.save({"model": small_model().state_dict()}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(mm.CheckpointError, match="corrupt or truncated"):
+        mm.load_state_dict_file(str(truncated))
+    with pytest.raises(mm.CheckpointError, match="not found"):
+        mm.load_state_dict_file(str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("img_size,expected", [
+    (128, [4 + 5 * k for k in range(12)]),
+    (224, [15 + 16 * k for k in range(12)]),
+    (384, [44 + 45 * k for k in range(12)]),
+])
+def test_register_positions(img_size, expected):
+    model = timm.create_model("mambar_tiny_patch16_224", img_size=img_size)
+    assert model.register_index.tolist() == expected
+    assert expected[-1] == 12 * ((img_size // 16) ** 2 // 13) + 11
+    if img_size == 224:
+        assert expected[0] == 15 and expected[-1] == 191
+        assert 196 + 12 - 1 - expected[-1] == 16  # a tail of 16 patches
+
+
+def test_tokens_laid_out_and_read_back_in_raster_order():
+    model = small_model(img_size=64).eval()  # 16 patches, 4 registers, L = 3
+    x = torch.randn(2, 3, 64, 64)
+    seq = model.embed_tokens(x)
+    patches = model.patch_embed(x) + model.pos_embed
+    registers = (model.cls_token + model.pos_embed_cls).expand(2, -1, -1)
+    step = 16 // 5
+    expected, p = [], 0
+    for k in range(4):
+        expected += [patches[:, p:p + step], registers[:, k:k + 1]]
+        p += step
+    expected.append(patches[:, p:])
+    torch.testing.assert_close(seq, torch.cat(expected, 1))
+    got_patches, got_registers = model.split_tokens(seq)
+    torch.testing.assert_close(got_patches, patches)
+    torch.testing.assert_close(got_registers, registers)
+
+
+def test_forward_features_and_residual_stream():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_features(x, return_residuals=True)
+    assert out["patch_tokens"].shape == (2, 4, 32)
+    assert out["register_tokens"].shape == (2, 4, 32)
+    assert len(out["residual_patch_tokens"]) == model.depth
+    assert all(r.dtype == torch.float32 and r.shape == (2, 4, 32)
+               for r in out["residual_patch_tokens"])
+    # norm_f is applied to the last residual stream.
+    torch.testing.assert_close(model.norm_f(out["residual_patch_tokens"][-1]),
+                               out["patch_tokens"])
+    logits = model(x)
+    torch.testing.assert_close(logits, model.forward_head(out["register_tokens"]))
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = timm.create_model("mambar_tiny_patch16_224", num_classes=3, img_size=224).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+        with pytest.raises(ValueError, match="built for 224x224"):
+            model(torch.randn(1, 3, 128, 128))
+    with pytest.raises(ValueError, match="not a multiple of the patch size 16"):
+        timm.create_model("mambar_tiny_patch16_224", img_size=100)
+
+
+def reference_mixer(mixer, hidden):
+    """The mixer written from the spec: two oracle scans, the backward one on flipped copies."""
+    e = mixer.d_inner
+    xz = hidden @ mixer.in_proj.weight.T
+    x, z = xz[..., :e].transpose(1, 2), xz[..., e:].transpose(1, 2)
+
+    def direction(x, z, conv, x_proj, dt_proj, a_log, d):
+        length = x.shape[-1]
+        u = F.silu(F.conv1d(F.pad(x, (3, 0)), conv.weight, conv.bias, groups=e)[..., :length])
+        dbl = u.transpose(1, 2) @ x_proj.weight.T
+        dt, b, c = dbl.split([mixer.dt_rank, 16, 16], -1)
+        delta = (dt @ dt_proj.weight.T).transpose(1, 2)
+        return selective_scan_reference(u, delta, -torch.exp(a_log), b.transpose(1, 2),
+                                         c.transpose(1, 2), d, z, dt_proj.bias)
+
+    fwd = direction(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+    bwd = direction(x.flip(-1), z.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b,
+                    mixer.A_b_log, mixer.D_b).flip(-1)
+    return ((fwd + bwd) / 2).transpose(1, 2) @ mixer.out_proj.weight.T
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_mixer_matches_two_flipped_oracle_scans(backend):
+    torch.manual_seed(0)
+    mixer = mm.BiMambaMixer(24, scan_backend=backend)
+    with torch.no_grad():  # make the backward direction's parameters differ visibly
+        for p in mixer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hidden = torch.randn(2, 11, 24, requires_grad=True)
+    got = mixer(hidden)
+    want = reference_mixer(mixer, hidden)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    g_got = torch.autograd.grad(got.sum(), [hidden, mixer.conv1d_b.weight, mixer.A_b_log])
+    g_want = torch.autograd.grad(want.sum(), [hidden, mixer.conv1d_b.weight, mixer.A_b_log])
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_argument_and_env_override(monkeypatch):
+    monkeypatch.setenv("MAMBAR_SCAN_BACKEND", "reference")
+    assert small_model().layers[0].mixer.scan_backend == "reference"
+    assert small_model(scan_backend="torch").layers[0].mixer.scan_backend == "torch"
+    monkeypatch.setenv("MAMBAR_SCAN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        small_model()
+
+
+def test_official_initialisation():
+    torch.manual_seed(0)
+    model = timm.create_model("mambar_small_patch16_224", num_classes=10, drop_path_rate=0.3)
+    mixer = model.layers[3].mixer
+    e, r = mixer.d_inner, mixer.dt_rank
+    log_n = torch.log(torch.arange(1, 17, dtype=torch.float32)).expand(e, 16)
+    assert torch.equal(mixer.A_log, log_n) and torch.equal(mixer.A_b_log, log_n)
+    assert torch.equal(mixer.D, torch.ones(e)) and torch.equal(mixer.D_b, torch.ones(e))
+    assert torch.count_nonzero(mixer.dt_proj_b.bias) == 0
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert mixer.dt_proj.weight.abs().max() <= r ** -0.5
+    # nn.Linear's default bound for the backward dt_proj weight, not Mamba's dt init.
+    assert mixer.dt_proj_b.weight.abs().max() <= 1 / math.sqrt(r)
+    bound = 1 / math.sqrt(e) / math.sqrt(model.depth)  # kaiming_uniform(a=sqrt 5) / sqrt(depth)
+    assert mixer.out_proj.weight.abs().max() <= bound
+    assert mixer.out_proj.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(model.head.bias) == 0
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert model.pos_embed_cls.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.count_nonzero(mixer.conv1d.bias) > 0  # conv keeps PyTorch's default init
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "pos_embed_cls"}
+    rates = [0.0] + torch.linspace(0, 0.3, 24).tolist()
+    for i, layer in enumerate(model.layers):
+        got = getattr(layer.drop_path, "drop_prob", 0.0)
+        assert got == pytest.approx(rates[i])
+    assert model.drop_path.drop_prob == pytest.approx(0.3)
+
+
+def test_interpolate_pos_embed_keeps_registers():
+    src = small_model(img_size=32)
+    dst = small_model(img_size=64)
+    state = dst.interpolate_pos_embed(src.state_dict())
+    assert state["pos_embed"].shape == dst.pos_embed.shape
+    assert torch.equal(state["cls_token"], src.cls_token)
+    grid = src.pos_embed.reshape(1, 2, 2, 32).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(state["pos_embed"], want.permute(0, 2, 3, 1).reshape(1, 16, 32))
+    dst.load_state_dict(state)
+
+
+def test_bf16_autocast_forward_on_cpu():
+    model = small_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out.float()).all()
+
+
+def test_small_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = small_model(embed_dim=48)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 20
