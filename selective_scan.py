@@ -70,139 +70,150 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 # Below this many elements per time step, one thread runs a step faster than a team: the
-# per-step work is tiny and every step ends in a barrier, which stalls for a whole scheduler
-# slice whenever another process holds the second core.
+# per-step work is small and every op ends in a barrier, which stalls for a whole scheduler
+# slice whenever another process holds the other core.
 _ELEMENTS_PER_THREAD = 1 << 17
 
 
-def _time_major_states(dA: torch.Tensor, dBu: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """Run h_t = dA_t * h_{t-1} + dBu_t over dim 0 (time); returns every h_t, shape like dA."""
-    states = torch.empty_like(dBu)
-    length = dA.shape[0]
-    order = range(length - 1, -1, -1) if reverse else range(length)
-    threads = torch.get_num_threads()
-    step_threads = max(1, min(threads, dA[0].numel() // _ELEMENTS_PER_THREAD))
-    if dA.device.type == "cpu" and step_threads != threads:
-        torch.set_num_threads(step_threads)
-    try:
-        prev = None
-        for t in order:
-            if prev is None:
-                states[t].copy_(dBu[t])
-            else:
-                torch.addcmul(dBu[t], dA[t], prev, out=states[t])
-            prev = states[t]
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-    return states
+class _StepThreads:
+    """Context manager: the intra-op thread count for per-step ops on (B, E, N) slabs."""
+
+    def __init__(self, slab: torch.Tensor):
+        self.saved = torch.get_num_threads()
+        wanted = max(1, min(self.saved, slab.numel() // _ELEMENTS_PER_THREAD))
+        self.wanted = wanted if slab.device.type == "cpu" else self.saved
+
+    def __enter__(self):
+        if self.wanted != self.saved:
+            torch.set_num_threads(self.wanted)
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.saved:
+            torch.set_num_threads(self.saved)
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Time-major fp32 (fp64 for fp64 input) views: u, raw and activated delta, A, B, C."""
+    work = _work_dtype(u)
+    u_t = u.to(work).permute(2, 0, 1)                                 # (L, B, E)
+    dt_raw = delta.to(work).permute(2, 0, 1)
+    if delta_bias is not None:
+        dt_raw = dt_raw + delta_bias.to(work)
+    dt = (F.softplus(dt_raw) if delta_softplus else dt_raw).contiguous()
+    b_t = B.to(work).permute(2, 0, 1).unsqueeze(2).contiguous()      # (L, B, 1, N)
+    c_t = C.to(work).permute(2, 0, 1).unsqueeze(2).contiguous()
+    return u_t, dt_raw, dt, A.to(work), b_t, c_t
 
 
 class _SelectiveScanTorch(torch.autograd.Function):
-    """Per-step loop over time, vectorised over (batch, channel, state); all math in fp32.
+    """Per-step loop over time, vectorised over (batch, channel, state).
 
-    Tensors inside are time-major, (L, B, E, N), so each step touches one contiguous slab.
-    float64 inputs are computed in float64 (for gradcheck); everything else in float32.
-    The backward recomputes exp(delta*A) and runs the adjoint recurrence in the opposite
-    time direction, one fused multiply-add per step.
+    Each step works on one (B, E, N) slab small enough to stay in cache: exp(delta_t*A), the
+    input term, the state update and the C contraction are done there rather than as
+    whole-sequence tensors, which would cost a trip through main memory per op. Only the
+    states h_t are kept for the backward, which runs the adjoint recurrence the other way in
+    time, likewise one slab per step, so it allocates nothing of the size of the states.
+    Math in fp32 (fp64 for fp64 inputs, for gradcheck).
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        dtype_out = u.dtype
-        f32 = _work_dtype(u)
-        u32 = u.to(f32).permute(2, 0, 1)                            # (L, B, E)
-        dt_raw = delta.to(f32).permute(2, 0, 1)
-        if delta_bias is not None:
-            dt_raw = dt_raw + delta_bias.to(f32)
-        dt = F.softplus(dt_raw) if delta_softplus else dt_raw
-        A32 = A.to(f32)
-        Bt = B.to(f32).permute(2, 0, 1).unsqueeze(2)                # (L, B, 1, N)
-        Ct = C.to(f32).permute(2, 0, 1).unsqueeze(2)
-        dA = torch.exp(dt.unsqueeze(-1) * A32)                      # (L, B, E, N)
-        dBu = (dt * u32).unsqueeze(-1) * Bt
-        states = _time_major_states(dA, dBu, reverse)
-        del dA, dBu
-        y = torch.matmul(states, Ct.transpose(-1, -2)).squeeze(-1)  # (L, B, E)
+        u_t, _, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        dtu = (dt * u_t).unsqueeze(-1)                                # (L, B, E, 1)
+        dt_col = dt.unsqueeze(-1)
+        length = u_t.shape[0]
+        # Without a backward to feed, two state slabs suffice: no page-faulting a fresh
+        # (L, B, E, N) buffer on every call.
+        training = any(ctx.needs_input_grad)
+        states = u_t.new_empty(length if training else 2, *u_t.shape[1:], a.shape[1])
+        y = torch.empty_like(dtu)
+        decay, inp = torch.empty_like(states[0]), torch.empty_like(states[0])
+        order = range(length - 1, -1, -1) if reverse else range(length)
+        with _StepThreads(states[0]):
+            prev = None
+            for i, t in enumerate(order):
+                state = states[t] if training else states[i % 2]
+                if prev is None:
+                    torch.mul(dtu[t], b_t[t], out=state)
+                else:
+                    torch.mul(dt_col[t], a, out=decay).exp_()
+                    torch.mul(dtu[t], b_t[t], out=inp)
+                    torch.addcmul(inp, decay, prev, out=state)
+                torch.bmm(state, c_t[t].transpose(1, 2), out=y[t])
+                prev = state
+        y = y.squeeze(-1)                                             # (L, B, E)
         if D is not None:
-            y = y + D.to(f32) * u32
-        out = y
-        if z is not None:
-            out = y * F.silu(z.to(f32).permute(2, 0, 1))
+            y = y + D.to(y.dtype) * u_t
+        out = y if z is None else y * F.silu(z.to(y.dtype).permute(2, 0, 1))
         ctx.delta_softplus = delta_softplus
         ctx.reverse = reverse
-        ctx.has = (D is not None, z is not None, delta_bias is not None)
-        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype,
-                      None if D is None else D.dtype, None if z is None else z.dtype,
-                      None if delta_bias is None else delta_bias.dtype)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states,
                               y if z is not None else None)
-        return out.permute(1, 2, 0).to(dtype_out)
+        return out.permute(1, 2, 0).to(u.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias, states, y = ctx.saved_tensors
-        has_D, has_z, has_bias = ctx.has
-        f32 = _work_dtype(u)
-        u32 = u.to(f32).permute(2, 0, 1)
-        dt_raw = delta.to(f32).permute(2, 0, 1)
-        if has_bias:
-            dt_raw = dt_raw + delta_bias.to(f32)
-        dt = F.softplus(dt_raw) if ctx.delta_softplus else dt_raw
-        A32 = A.to(f32)
-        Bt = B.to(f32).permute(2, 0, 1).unsqueeze(2)
-        Ct = C.to(f32).permute(2, 0, 1).unsqueeze(2)
-        g_out = dout.to(f32).permute(2, 0, 1)                       # (L, B, E)
+        u_t, dt_raw, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias,
+                                                ctx.delta_softplus)
+        g_out = dout.to(u_t.dtype).permute(2, 0, 1)                   # (L, B, E)
         dz = None
-        if has_z:
-            z32 = z.to(f32).permute(2, 0, 1)
-            sig = torch.sigmoid(z32)
-            dz = g_out * y * sig * (1 + z32 * (1 - sig))
-            dy = g_out * z32 * sig
+        if z is not None:
+            z_t = z.to(u_t.dtype).permute(2, 0, 1)
+            sig = torch.sigmoid(z_t)
+            dz = g_out * y * sig * (1 + z_t * (1 - sig))
+            dy = g_out * z_t * sig
         else:
             dy = g_out
-        dA = torch.exp(dt.unsqueeze(-1) * A32)
-        # Adjoint recurrence: g_t = dy_t C_t + dA_{t+1} g_{t+1} (time order flipped if reverse).
-        dyC = dy.unsqueeze(-1) * Ct                                  # (L, B, E, N)
-        shifted = torch.ones_like(dA)
-        if ctx.reverse:
-            shifted[1:] = dA[:-1]
-        else:
-            shifted[:-1] = dA[1:]
-        grads = _time_major_states(shifted, dyC, not ctx.reverse)
-        del shifted, dyC
-        prev_states = torch.zeros_like(states)
-        if ctx.reverse:
-            prev_states[:-1] = states[1:]
-        else:
-            prev_states[1:] = states[:-1]
-        # dL/d(dA_t) = g_t * h_{t-1}; dA_t = exp(dt * A).
-        g_dA = grads * prev_states * dA
-        del prev_states, dA
-        gB = torch.matmul(grads, Bt.transpose(-1, -2)).squeeze(-1)   # sum_n g * B  (L, B, E)
-        ddt = (g_dA * A32).sum(-1) + gB * u32
-        dA_param = torch.einsum("lben,lbe->en", g_dA, dt)
-        del g_dA
-        du = gB * dt
-        dB = torch.einsum("lben,lbe->bnl", grads, dt * u32)
-        dC = torch.einsum("lben,lbe->bnl", states, dy)
-        del grads
+        dy_col = dy.unsqueeze(-1).contiguous()                        # (L, B, E, 1)
+        dtu = (dt * u_t).unsqueeze(-1)
+        dt_col = dt.unsqueeze(-1)
+        length, batch, dim = u_t.shape
+        state_dim = a.shape[1]
+        g_b = torch.empty_like(dtu)                                   # sum_n g_t B_t
+        dB = u_t.new_empty(length, batch, state_dim, 1)
+        dC = torch.empty_like(dB)
+        ddt = torch.zeros_like(dtu)                                   # via exp(delta A)
+        grad_a = torch.zeros_like(states[0])                          # summed over B later
+        slab = lambda: torch.empty_like(states[0])  # noqa: E731
+        grad, grad_later, decay, decay_later, scratch = slab(), slab(), slab(), slab(), slab()
+        forward_order = list(range(length - 1, -1, -1) if ctx.reverse else range(length))
+        with _StepThreads(states[0]):
+            # g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1}, walked against time.
+            for i in range(length - 1, -1, -1):
+                t = forward_order[i]
+                torch.mul(dy_col[t], c_t[t], out=grad)
+                if i < length - 1:
+                    grad.addcmul_(decay_later, grad_later)
+                torch.bmm(grad, b_t[t].transpose(1, 2), out=g_b[t])
+                torch.bmm(grad.transpose(1, 2), dtu[t], out=dB[t])
+                torch.bmm(states[t].transpose(1, 2), dy_col[t], out=dC[t])
+                if i > 0:
+                    # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}
+                    torch.mul(dt_col[t], a, out=decay).exp_()
+                    torch.mul(grad, decay, out=scratch).mul_(states[forward_order[i - 1]])
+                    grad_a.addcmul_(scratch, dt_col[t])
+                    torch.sum(scratch.mul_(a), -1, keepdim=True, out=ddt[t])
+                    decay, decay_later = decay_later, decay
+                grad, grad_later = grad_later, grad
+        g_b, ddt = g_b.squeeze(-1), ddt.squeeze(-1)
+        ddt += g_b * u_t
+        du = g_b * dt
         dD = None
-        if has_D:
-            du = du + dy * D.to(f32)
-            dD = (dy * u32).sum((0, 1))
+        if D is not None:
+            du = du + dy * D.to(du.dtype)
+            dD = (dy * u_t).sum((0, 1))
         if ctx.delta_softplus:
             ddt = ddt * torch.sigmoid(dt_raw)
-        dbias = ddt.sum((0, 1)) if has_bias else None
-        dtypes = ctx.dtypes
+        dbias = None if delta_bias is None else ddt.sum((0, 1)).to(delta_bias.dtype)
 
-        def back(t, i):
-            return None if t is None else t.to(dtypes[i])
+        def seq(t, like):  # (L, B, X) -> (B, X, L) in the input's dtype
+            return t.permute(1, 2, 0).to(like.dtype)
 
-        return (back(du.permute(1, 2, 0), 0), back(ddt.permute(1, 2, 0), 1), back(dA_param, 2),
-                back(dB, 3), back(dC, 4), back(dD, 5),
-                None if dz is None else back(dz.permute(1, 2, 0), 6), back(dbias, 7),
-                None, None)
+        return (seq(du, u), seq(ddt, delta), grad_a.sum(0).to(A.dtype),
+                seq(dB.squeeze(-1), B), seq(dC.squeeze(-1), C),
+                None if dD is None else dD.to(D.dtype), None if dz is None else seq(dz, z),
+                dbias, None, None)
 
 
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,

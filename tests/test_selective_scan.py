@@ -53,6 +53,15 @@ def test_torch_matches_reference_fp32(reverse, optional):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+def test_torch_inference_path_matches_reference(reverse):
+    args = make_inputs(length=12)
+    with torch.no_grad():
+        got = ss.selective_scan_torch(*args, reverse=reverse)
+        want = ss.selective_scan_reference(*args, reverse=reverse)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 def test_torch_gradcheck_float64(reverse):
     args = make_inputs(batch=1, dim=3, state=2, length=5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
