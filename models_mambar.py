@@ -240,6 +240,25 @@ class VisionMambaBackbone(nn.Module):
                 stream.append(residual + hidden.float())
         return self.norm_f(residual + self.drop_path(hidden).float()), stream
 
+    def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) sequence -> patches in raster order (B, H*W, D), extra tokens (B, T-H*W, D)."""
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor, return_residuals: bool = False
+                         ) -> Dict[str, object]:
+        """Tokens for analysis, with no positions to hard-code: ``patch_tokens`` (B, H*W, D)
+        in raster order and ``register_tokens`` (B, n, D; Vim's class token as n = 1) after
+        norm_f; with ``return_residuals`` also ``residual_patch_tokens`` and
+        ``residual_register_tokens``, one fp32 tensor per block."""
+        tokens, stream = self.forward_stream(x, return_residuals)
+        patches, registers = self.split_tokens(tokens)
+        out = {"patch_tokens": patches, "register_tokens": registers}
+        if return_residuals:
+            split = [self.split_tokens(r) for r in stream]
+            out["residual_patch_tokens"] = [p for p, _ in split]
+            out["residual_register_tokens"] = [r for _, r in split]
+        return out
+
 
 class MambaR(VisionMambaBackbone):
     """Mamba®: n registers evenly interleaved among the patches; the head reads the registers.
@@ -298,20 +317,6 @@ class MambaR(VisionMambaBackbone):
     def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, N + n, D) sequence -> patches in raster order (B, N, D), registers (B, n, D)."""
         return tokens[:, self.patch_index], tokens[:, self.register_index]
-
-    def forward_features(self, x: torch.Tensor, return_residuals: bool = False
-                         ) -> Dict[str, object]:
-        """Tokens for analysis: ``patch_tokens`` (B, H*W, D) in raster order and
-        ``register_tokens`` (B, n, D) after norm_f; with ``return_residuals`` also
-        ``residual_patch_tokens`` / ``residual_register_tokens``, one fp32 tensor per block."""
-        tokens, stream = self.forward_stream(x, return_residuals)
-        patches, registers = self.split_tokens(tokens)
-        out = {"patch_tokens": patches, "register_tokens": registers}
-        if return_residuals:
-            split = [self.split_tokens(r) for r in stream]
-            out["residual_patch_tokens"] = [p for p, _ in split]
-            out["residual_register_tokens"] = [r for _, r in split]
-        return out
 
     def forward_head(self, registers: torch.Tensor) -> torch.Tensor:
         """Register recycling: (neck per register ->) flatten in sequence order (-> norm_neck)
@@ -383,14 +388,14 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint path is a directory: {path}") from None
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refusing to load {path}: it is not plain tensor data "
-                              f"(weights_only load failed: {first})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"refusing to load {path}: it needs more than plain tensor data "
+                              f"to unpickle (possibly code), and only weights_only loading is "
+                              f"allowed") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated "
-                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-                              ) from None
+                              f"({type(err).__name__}: {detail})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -431,7 +436,7 @@ def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> None:
     model.load_state_dict(usable, strict=False)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaR
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMambaBackbone
                          ) -> Dict[str, torch.Tensor]:
     """timm pretrained hook: unwrap ``{"model": ...}`` and fit pos_embed to the model's grid."""
     if isinstance(state_dict.get("model"), dict):
@@ -441,7 +446,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MambaR
 
 # --------------------------------------------------------------------------- registry
 
-def _cfg(**kwargs) -> dict:
+def pretrained_cfg(**kwargs) -> dict:
+    """timm pretrained config shared by the Mamba® and Vim registrations."""
     return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
             "crop_pct": 1.0, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
             "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
@@ -449,10 +455,10 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs({
-    "mambar_tiny_patch16_224": _cfg(),
-    "mambar_small_patch16_224": _cfg(),
-    "mambar_base_patch16_224": _cfg(),
-    "mambar_large_patch16_224": _cfg(),
+    "mambar_tiny_patch16_224": pretrained_cfg(),
+    "mambar_small_patch16_224": pretrained_cfg(),
+    "mambar_base_patch16_224": pretrained_cfg(),
+    "mambar_large_patch16_224": pretrained_cfg(),
 })
 
 _SIZES = {

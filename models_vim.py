@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from models_mambar import VisionMambaBackbone, _cfg, checkpoint_filter_fn, resize_pos_embed
+from models_mambar import (VisionMambaBackbone, checkpoint_filter_fn, pretrained_cfg,
+                           resize_pos_embed)
 
 __all__ = ["Vim"]
 
@@ -61,21 +62,6 @@ class Vim(VisionMambaBackbone):
         mid = self.cls_position
         patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
         return patches, tokens[:, mid:mid + 1]
-
-    def forward_features(self, x: torch.Tensor, return_residuals: bool = False
-                         ) -> Dict[str, object]:
-        """Same keys as ``MambaR.forward_features``, the class token standing in for the
-        registers, so analysis code treats both models alike: ``patch_tokens`` (B, H*W, D),
-        ``register_tokens`` (B, 1, D) after norm_f; with ``return_residuals`` also
-        ``residual_patch_tokens`` / ``residual_register_tokens``, one fp32 tensor per block."""
-        tokens, stream = self.forward_stream(x, return_residuals)
-        patches, cls = self.split_tokens(tokens)
-        out = {"patch_tokens": patches, "register_tokens": cls}
-        if return_residuals:
-            split = [self.split_tokens(r) for r in stream]
-            out["residual_patch_tokens"] = [p for p, _ in split]
-            out["residual_register_tokens"] = [c for _, c in split]
-        return out
 
     def forward_head(self, cls: torch.Tensor) -> torch.Tensor:
         """(B, 1, D) class token output of norm_f -> logits."""
@@ -123,7 +109,7 @@ _SIZES = {
 _ALIASES = {"vim_tiny_patch16_224": _TINY, "vim_small_patch16_224": _SMALL,
             "vim_base_patch16_224": _BASE}
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in [*_SIZES, *_ALIASES]})
+default_cfgs = generate_default_cfgs({name: pretrained_cfg() for name in [*_SIZES, *_ALIASES]})
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> Vim:
