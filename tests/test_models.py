@@ -258,3 +258,13 @@ def test_small_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < first / 20
+
+
+def test_rmsnorm_formula_and_dtype():
+    norm = mm.RMSNorm(8)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(3, 5, 8)
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), want)
+    assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16
