@@ -127,6 +127,7 @@ class BiMambaMixer(nn.Module):
         backend = resolve_backend(self.scan_backend, hidden.device)
         xz = self.in_proj(hidden).transpose(1, 2)            # (B, 2E, L), a view
         x, z = xz.chunk(2, dim=1)
+        x = x.contiguous()  # both convs read x; one copy instead of one inside each conv
         out_f = self._scan_direction(x, z, backend, reverse=False)
         out_b = self._scan_direction(x, z, backend, reverse=True)
         return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
@@ -146,13 +147,13 @@ class BiMambaMixer(nn.Module):
             u = u.flip(-1) if reverse else u
         else:
             u = _depthwise_conv(x, conv, reverse)
-        x_dbl = x_proj(u.transpose(1, 2))                    # (B, L, R + 2N)
-        dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L); bias goes to the scan
+        # Weight @ (B, E, L) keeps the channels-first layout the scan reads: no transposes.
+        x_dbl = torch.matmul(x_proj.weight, u)               # (B, R + 2N, L)
+        dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(dt_proj.weight, dt)             # (B, E, L); bias goes to the scan
         scan = get_scan(backend)
-        return scan(u, delta, -torch.exp(a_log.float()), b_ssm.transpose(1, 2),
-                    c_ssm.transpose(1, 2), d.float(), z, dt_proj.bias.float(),
-                    delta_softplus=True, reverse=reverse)
+        return scan(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(), z,
+                    dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
 
 
 class Block(nn.Module):
