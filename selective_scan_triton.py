@@ -1,0 +1,403 @@
+"""Fused Triton kernels for the Mamba-1 selective scan (forward and backward).
+
+Computes exactly what ``selective_scan.selective_scan_reference`` computes (see that module
+for the math and argument layout): u, delta, z of shape (batch, E, L); A (E, N); B, C
+(batch, N, L); D, delta_bias (E,). All arithmetic and the scan state are fp32 whatever the
+input dtype; outputs and gradients come back in their inputs' dtypes.
+
+Design, and why:
+
+* One program per (block of BLOCK_E channels, batch element); grid (cdiv(E, BLOCK_E), batch).
+  Each B/C time slice is loaded once for all of a program's channels, and the programs of
+  one batch element run side by side and share B/C in L2.
+* Fused: softplus(delta + bias), exp(delta * A), the scan, the C contraction, the D skip and
+  the SiLU(z) gate all happen in one pass over the inputs; nothing of size E x N x L ever
+  touches memory.
+* The sequence is walked in chunks of BLOCK_L tokens, the state carried between chunks in
+  registers, so any L works (208 tokens at 224 px and 588 at 384 px are 13 and 37 chunks).
+  Inside a chunk the state is a (BLOCK_L, N2, BLOCK_E, N1) tile: Triton spreads a tile's
+  lanes over its last axes, so N1 = N_LANES states and 32 / N1 channels share a warp while
+  time and the other N2 states stay in each thread's registers. The recurrence
+  h_t = a_t h_{t-1} + b_t is then a ``tl.associative_scan`` over (a, b) pairs that never
+  leaves a thread (scanning along lanes instead cost 4x more instructions), and summing
+  over the states takes log2(N1) shuffles.
+* No flip copies: "scan order" position s maps to time t = s, or t = L-1-s when
+  ``reverse``; only the addresses differ, so reverse costs the same as forward, and strided
+  views (x/z slices of one xz tensor, B/C slices of a projection) are read in place.
+* The backward recomputes states instead of storing them: the forward keeps only the state
+  at each chunk boundary (batch x E x (chunks-1) x N fp32; at L=208, N=16 that is 1.8x the
+  bytes of a bf16 u), so the backward rebuilds each chunk's states with one forward scan. It walks the
+  chunks last-to-first and runs the adjoint recurrence g_s = dy_s C_s +
+  exp(delta_{s+1} A) g_{s+1} as a forward scan over the chunk flipped in time: a flip of a
+  thread-local axis is free register renaming, while ``reverse=True`` compiles to many
+  warp shuffles. delta_{s+1} is read from memory at the shifted address (a cached load)
+  rather than shifting a register tile. g is carried across chunks like h.
+* Reductions before atomics: dB/dC are summed over the program's channel block, and dA, dD
+  and d(delta_bias) over the program's whole sequence, before one fp32 atomic add each.
+* Block sizes: BLOCK_L = 16 (the backward's per-thread tiles spill beyond it) fixes the
+  chunk boundaries shared by both kernels; BLOCK_E, N_LANES and num_warps are autotuned per
+  (E, N, L) on GPU. Under TRITON_INTERPRET=1 (CPU tests) one small config is used and
+  tensors stay on the CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+
+
+def _configs(shapes):
+    """Autotuning candidates, as (N_LANES, num_warps) pairs.
+
+    The state tile is (BLOCK_L, N2, BLOCK_E, N1): N1 = N_LANES states on lanes, the rest of a
+    warp's 32 lanes on channels, warps on channels too, and time and the other N2 states in
+    each thread's registers, so the scans and the time reductions never leave a thread.
+    """
+    if _INTERPRET:  # benchmarking configs under the interpreter would only cost time
+        return [triton.Config({"BLOCK_E": 8, "N_LANES": 4}, num_warps=1)]
+    return [triton.Config({"BLOCK_E": (32 // lanes) * warps, "N_LANES": lanes}, num_warps=warps)
+            for lanes, warps in shapes]
+
+
+def _block_l(length: int) -> int:
+    """Tokens per chunk: 16 keeps the backward's per-thread tiles in registers."""
+    return min(16, triton.next_power_of_2(length))
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # Composition of h -> a1 h + b1 followed by h -> a2 h + b2.
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) without log1p: log(1+e) * e / ((1+e) - 1) is accurate for tiny e.
+    e = tl.exp(x)
+    one_p = 1.0 + e
+    log1p = tl.where(one_p == 1.0, e, tl.log(one_p) * (e / (one_p - 1.0)))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _load_te(ptr, t, e, s_l, s_e, mask):
+    """(time, channel) tile of a (.., E, L) tensor at base ``ptr``, as fp32."""
+    return tl.load(ptr + t[:, None] * s_l + e[None, :] * s_e, mask=mask, other=0.0
+                   ).to(tl.float32)
+
+
+@triton.jit
+def _load_tn(ptr, t, n, s_l, s_n, mask):
+    """(time, N2, N1) tile of a (.., N, L) tensor at base ``ptr``, as fp32."""
+    return tl.load(ptr + t[:, None, None] * s_l + n[None, :, :] * s_n, mask=mask, other=0.0
+                   ).to(tl.float32)
+
+
+@triton.jit
+def _te(x):
+    """(time, channel) -> broadcastable against the (time, N2, channel, N1) state tile."""
+    return x[:, None, :, None]
+
+
+@triton.jit
+def _tn(x):
+    """(time, N2, N1) -> broadcastable against the state tile."""
+    return x[:, :, None, :]
+
+
+@triton.jit
+def _sum_n(x):
+    """Sum a state tile over the states: (time, N2, channel, N1) -> (time, channel)."""
+    return tl.sum(tl.sum(x, axis=3), axis=1)
+
+
+@triton.jit
+def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta after bias and softplus; 0 on masked positions, so exp(delta*A) = 1 there."""
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.autotune(configs=_configs([(4, 4), (4, 2), (8, 4)]), key=["E", "N", "L", "BLOCK_L"])
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
+    E, N, L, n_chunks,
+    s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
+    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    N_LANES: tl.constexpr,
+):
+    N1: tl.constexpr = N_LANES if N_LANES < BLOCK_N else BLOCK_N
+    N2: tl.constexpr = BLOCK_N // N1
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    n = tl.arange(0, N2)[:, None] * N1 + tl.arange(0, N1)[None, :]   # state index, (N2, N1)
+    n_mask = n < N
+    en_mask = n_mask[:, None, :] & e_mask[None, :, None]             # (N2, BLOCK_E, N1)
+    # Padded states get A = 0 and B = C = 0: they stay 0 and contribute nothing.
+    A2 = tl.load(A_ptr + e[None, :, None] * s_A_e + n[:, None, :] * s_A_n, mask=en_mask,
+                 other=0.0).to(tl.float32) * _LOG2E
+    D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32) if HAS_D else None
+    bias = tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
+
+    u_base = u_ptr + b * s_u_b
+    dt_base = delta_ptr + b * s_dt_b
+    B_base = B_ptr + b * s_B_b
+    C_base = C_ptr + b * s_C_b
+    z_base = z_ptr + b * s_z_b
+    out_base = out_ptr + b * E * L + e[None, :] * L
+    ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * ((n_chunks - 1) * BLOCK_N) + n[:, None, :]
+    last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
+
+    h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
+    for c in range(0, n_chunks):
+        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        l_mask = s < L
+        t = L - 1 - s if REVERSE else s
+        mask = l_mask[:, None] & e_mask[None, :]
+        nl_mask = l_mask[:, None, None] & n_mask[None, :, :]
+
+        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
+        dt, _ = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
+                       HAS_BIAS, SOFTPLUS)
+        Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
+        Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
+
+        dA = tl.exp2(_te(dt) * A2[None])                      # (BLOCK_L, N2, BLOCK_E, N1)
+        dBu = _te(dt * u) * _tn(Bt)
+        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
+        hs = b_cum + a_cum * h[None]
+        y = _sum_n(hs * _tn(Ct))
+        if HAS_D:
+            y += D[None, :] * u
+        if HAS_Z:
+            zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
+            y *= zt * _sigmoid(zt)
+        tl.store(out_base + t[:, None], y, mask=mask)
+
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        if c < n_chunks - 1:
+            tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
+
+
+@triton.autotune(configs=_configs([(8, 4), (8, 2), (16, 4)]), key=["E", "N", "L", "BLOCK_L"],
+                 reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"])
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    E, N, L, n_chunks,
+    s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
+    s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
+    s_do_b, s_do_e, s_do_l,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    N_LANES: tl.constexpr,
+):
+    N1: tl.constexpr = N_LANES if N_LANES < BLOCK_N else BLOCK_N
+    N2: tl.constexpr = BLOCK_N // N1
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_mask = e < E
+    n = tl.arange(0, N2)[:, None] * N1 + tl.arange(0, N1)[None, :]
+    n_mask = n < N
+    en_mask = n_mask[:, None, :] & e_mask[None, :, None]
+    A = tl.load(A_ptr + e[None, :, None] * s_A_e + n[:, None, :] * s_A_n, mask=en_mask,
+                other=0.0).to(tl.float32)
+    A2 = A * _LOG2E
+    D = tl.load(D_ptr + e, mask=e_mask, other=0.0).to(tl.float32) if HAS_D else None
+    bias = tl.load(bias_ptr + e, mask=e_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
+
+    u_base = u_ptr + b * s_u_b
+    dt_base = delta_ptr + b * s_dt_b
+    B_base = B_ptr + b * s_B_b
+    C_base = C_ptr + b * s_C_b
+    z_base = z_ptr + b * s_z_b
+    do_base = dout_ptr + b * s_do_b
+    row_base = b * E * L + e[None, :] * L          # du, ddelta, dz: contiguous (batch, E, L)
+    bnl_base = b * N * L + n[None, :, :] * L       # dB, dC: contiguous fp32 (batch, N, L)
+    ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * ((n_chunks - 1) * BLOCK_N) + n[:, None, :]
+    first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
+
+    dA_acc = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    g_next = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)  # g at the next chunk's start
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        l_mask = s < L
+        t = L - 1 - s if REVERSE else s
+        mask = l_mask[:, None] & e_mask[None, :]
+        nl_mask = l_mask[:, None, None] & n_mask[None, :, :]
+        # Scan position s + 1 (the step after t in scan order) for the adjoint's decay.
+        t_next = t - 1 if REVERSE else t + 1
+        mask_next = ((s + 1) < L)[:, None] & e_mask[None, :]
+
+        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
+        dt, dt_raw = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
+                            HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _delta(_load_te(dt_base, t_next, e, s_dt_l, s_dt_e, mask_next), bias,
+                            mask_next, HAS_BIAS, SOFTPLUS)
+        Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
+        Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
+        dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
+
+        # Recompute this chunk's states from the state saved at the end of the previous one.
+        if c > 0:
+            h0 = tl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask, other=0.0)
+        else:
+            h0 = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
+        dA = tl.exp2(_te(dt) * A2[None])
+        dtu = dt * u
+        dBu = _te(dtu) * _tn(Bt)
+        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
+        hs = b_cum + a_cum * h0[None]
+
+        dy = dout
+        if HAS_Z:
+            zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
+            y = _sum_n(hs * _tn(Ct))
+            if HAS_D:
+                y += D[None, :] * u
+            sig = _sigmoid(zt)
+            tl.store(dz_ptr + row_base + t[:, None], dout * y * sig * (1.0 + zt * (1.0 - sig)),
+                     mask=mask)
+            dy = dout * zt * sig
+
+        # Adjoint: g_s = dy_s C_s + exp(delta_{s+1} A) g_{s+1}, run from the chunk's end. Time
+        # sits in each thread's registers, so flipping it is free, while a reverse=True scan
+        # compiles to many warp shuffles.
+        dA_next = tl.flip(tl.exp2(_te(dt_next) * A2[None]), 0)
+        ga, gb = tl.associative_scan((dA_next, tl.flip(_te(dy) * _tn(Ct), 0)), 0,
+                                     _affine_combine)
+        g = tl.flip(gb + ga * g_next[None], 0)
+        g_next = tl.sum(tl.where(first, g, 0.0), axis=0)
+
+        # g_s * exp(delta_s A) * h_{s-1}, using exp(delta_s A) h_{s-1} = h_s - dBu_s.
+        gh = g * (hs - dBu)
+        gB = _sum_n(g * _tn(Bt))
+        ddt = _sum_n(gh * A[None]) + u * gB
+        dA_acc += tl.sum(gh * _te(dt), axis=0)
+        du = dt * gB
+        if HAS_D:
+            du += D[None, :] * dy
+            dD_acc += tl.sum(dy * u, axis=0)
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(dt_raw)
+        ddt = tl.where(mask, ddt, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + row_base + t[:, None], du, mask=mask)
+        tl.store(ddelta_ptr + row_base + t[:, None], ddt, mask=mask)
+
+        # Sum over this program's channels first: one atomic per (n, t) instead of BLOCK_E.
+        dB = tl.sum(g * _te(dtu), axis=2)
+        dC = tl.sum(hs * _te(dy), axis=2)
+        tl.atomic_add(dB_ptr + bnl_base + t[:, None, None], dB, mask=nl_mask, sem="relaxed")
+        tl.atomic_add(dC_ptr + bnl_base + t[:, None, None], dC, mask=nl_mask, sem="relaxed")
+
+    tl.atomic_add(dA_ptr + e[None, :, None] * N + n[:, None, :], dA_acc, mask=en_mask,
+                  sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_mask, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_mask, sem="relaxed")
+
+
+def _strides3(t):
+    return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        batch, E, L = u.shape
+        N = A.shape[1]
+        if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
+            raise ValueError(f"shape mismatch: u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
+                             f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+        if z is not None and z.shape != u.shape:
+            raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(u.shape)}")
+        # The kernels index D and delta_bias as dense vectors (they are tiny).
+        D = None if D is None else D.contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()
+        block_l = _block_l(L)
+        n_chunks = triton.cdiv(L, block_l)
+        block_n = triton.next_power_of_2(N)
+        out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+        ckpt = torch.empty((batch, E, max(n_chunks - 1, 1), block_n), dtype=torch.float32,
+                           device=u.device)
+        # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
+        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, u if D is None else D, u if z is None else z,
+            u if delta_bias is None else delta_bias, out, ckpt,
+            E, N, L, n_chunks,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
+            BLOCK_N=block_n, BLOCK_L=block_l,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.flags = (bool(delta_softplus), bool(reverse), block_l, n_chunks, block_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        softplus, reverse, block_l, n_chunks, block_n = ctx.flags
+        batch, E, L = u.shape
+        N = A.shape[1]
+        dev, f32 = u.device, torch.float32
+        du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
+        ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
+        dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
+        dA = torch.zeros((E, N), dtype=f32, device=dev)
+        dB = torch.zeros((batch, N, L), dtype=f32, device=dev)
+        dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
+        dD = torch.zeros((E,), dtype=f32, device=dev)
+        dbias = torch.zeros((E,), dtype=f32, device=dev)
+        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+        _scan_bwd_kernel[grid](
+            u, delta, A, B, C, u if D is None else D, u if z is None else z,
+            u if delta_bias is None else delta_bias, ckpt, dout,
+            du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
+            E, N, L, n_chunks,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            *dout.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=block_n, BLOCK_L=block_l,
+        )
+        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                None if D is None else dD.to(D.dtype), dz,
+                None if delta_bias is None else dbias.to(delta_bias.dtype), None, None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=True, reverse=False):
+    """Selective scan with fused Triton forward/backward kernels (see module docstring)."""
+    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      reverse)
