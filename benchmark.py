@@ -31,6 +31,13 @@ CPU baseline, the same Mamba® network with its scan computed by mambapy's paral
 (``selective_scan_mambapy`` below; ``pip install mambapy``, a benchmark-only dependency).
 DeiT models run timm's attention with fused ``scaled_dot_product_attention``.
 
+Also reported: analytic forward FLOPs per image that count the scan (``mamba_flops``,
+``vit_flops``: the formulas are in their docstrings) and the achieved TFLOP/s; with
+``--scan-share`` the share of the training step spent in the scan (``measure_scan_share``);
+ratios against DeiT, between scan backends and across input sizes; the issues' targets
+where the run covers them. The table goes to stdout, progress to stderr, everything to
+``--json``.
+
 Examples::
 
     python benchmark.py --model mambar_base_patch16_224 --backend triton --mode train
@@ -64,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models_mambar  # noqa: F401  (registers the mambar_* models with timm)
+import models_mambar  # registers the mambar_* models with timm; routed_scan patches it
 import models_vim  # noqa: F401  (registers the vim_* baselines)
 from models_mambar import MambaR, VisionMambaBackbone
 from selective_scan import requested_backend, resolve_backend
@@ -117,8 +124,9 @@ def _flop_summary(matmul: Dict[str, int], other: Dict[str, int]) -> Dict[str, in
 def mamba_flops(model: VisionMambaBackbone) -> Dict[str, int]:
     """Forward FLOPs per image of a Mamba® (or Vim) model, by part, read off the built model.
 
-    With P patches, n registers (Vim: one class token), T = P + n tokens, width D, inner width E = 2D, N states,
-    dt rank R, conv kernel K, patch p, C input channels, ``depth`` blocks, per image:
+    With P patches, n registers (Vim: one class token), T = P + n tokens, width D, inner
+    width E = 2D, N states, dt rank R, conv kernel K, patch p, C input channels and ``depth``
+    blocks, per image:
 
     * matmul parts (2 FLOPs per multiply-add, weights only):
       patch_embed 2·P·C·p²·D; per block in_proj 2·T·D·2E and out_proj 2·T·E·D, and per
@@ -642,6 +650,17 @@ def _fmt(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _rate(value: float) -> str:
+    """img/s with two decimals where a CPU gives a handful per second."""
+    return _fmt(value, 2 if value < 100 else 1)
+
+
+def _mem(row: Dict[str, Any]) -> float:
+    """The memory to compare between rows: on CPU what the workload added to the process
+    (the interpreter and libraries, ~1 GB, would flatten every ratio), on CUDA the peak."""
+    return row.get("workload_mb") or row["peak_mem_mb"]
+
+
 def _short(name: str) -> str:
     return name.replace("_patch16_224", "")
 
@@ -663,7 +682,7 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
         if "error" in r:
             body.append(head + [f"ERROR: {r['error']}"] + [""] * 7)
             continue
-        body.append(head + [_fmt(r["img_per_s"]), _fmt(r["step_s"] * 1e3),
+        body.append(head + [_rate(r["img_per_s"]), _fmt(r["step_s"] * 1e3),
                             _fmt(r["first_step_s"], 2), _fmt(r["peak_mem_mb"], 0),
                             _fmt(r.get("workload_mb"), 0), _fmt(r["gflops_per_img"], 2),
                             _fmt(r["tflops_per_s"], 2)])
@@ -682,7 +701,7 @@ def deit_comparison(rows: Sequence[Dict[str, Any]]) -> List[List[Any]]:
             out.append([_short(r["model"]), r["img_size"], r["batch"], r["dtype"], r["mode"],
                         r["backend_resolved"], _short(partner["model"]),
                         f"{r['img_per_s'] / partner['img_per_s']:.2f}x",
-                        f"{r['peak_mem_mb'] / partner['peak_mem_mb']:.2f}x",
+                        f"{_mem(r) / _mem(partner):.2f}x",
                         f"{r['flops']['total'] / partner['flops']['total']:.2f}x",
                         f"{r['flops']['matmul'] / partner['flops']['matmul']:.2f}x"])
     return out
@@ -702,9 +721,10 @@ def backend_comparison(rows: Sequence[Dict[str, Any]]) -> Tuple[Optional[str], L
         ref = base.get((r["model"],) + _key(r))
         if ref is not None and r is not ref:
             out.append([_short(r["model"]), r["img_size"], r["batch"], r["dtype"], r["mode"],
-                        r["backend_resolved"], _fmt(r["img_per_s"], 2),
-                        _fmt(ref["img_per_s"], 2), f"{r['img_per_s'] / ref['img_per_s']:.2f}x",
-                        _fmt(r["peak_mem_mb"], 0), _fmt(ref["peak_mem_mb"], 0)])
+                        r["backend_resolved"], _rate(r["img_per_s"]), _rate(ref["img_per_s"]),
+                        f"{r['img_per_s'] / ref['img_per_s']:.2f}x", _fmt(r["step_s"], 3),
+                        _fmt(ref["step_s"], 3), _fmt(r["peak_mem_mb"], 0),
+                        _fmt(ref["peak_mem_mb"], 0), f"{_mem(r) / _mem(ref):.2f}x"])
     return baseline, out
 
 
@@ -722,7 +742,7 @@ def scaling_table(rows: Sequence[Dict[str, Any]]) -> List[List[Any]]:
         per_img0 = 1 / first["img_per_s"]
         for r in group:
             out.append([_short(model), r["backend_resolved"], dtype, mode, r["img_size"],
-                        r["tokens"], r["batch"], _fmt(r["img_per_s"]),
+                        r["tokens"], r["batch"], _rate(r["img_per_s"]),
                         f"{(1 / r['img_per_s']) / per_img0:.2f}x",
                         _fmt(r["peak_mem_mb"], 0),
                         f"{r['flops']['total'] / first['flops']['total']:.2f}x"])
@@ -783,19 +803,24 @@ def report(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]],
              + (f", {meta['threads']} threads" if meta["threads"] else ""),
              f"date: {meta['date']}   commit: {meta['git_commit']}",
              f"command: {meta['command']}",
+             "train: forward + cross-entropy + backward + AdamW step + zero_grad; "
+             "infer: eval forward under no_grad; figures: medians",
              f"peak memory: {rows[0].get('peak_mem_basis', '-') if rows else '-'}; "
              "GFLOPs/img: forward; TFLOP/s: achieved (a training step counts 3x the forward)",
              "", results_table(rows)]
     deit = deit_comparison(rows)
     if deit:
-        parts += ["", "Mamba vs DeiT of the same size (ratios Mamba / DeiT)", _table(
+        parts += ["", "Mamba vs DeiT of the same size (ratios Mamba / DeiT; memory: what "
+                  "the workload adds on CPU, the peak on CUDA)", _table(
             ["model", "px", "batch", "dtype", "mode", "backend", "reference", "img/s",
-             "peak mem", "FLOPs", "matmul FLOPs"], deit)]
+             "memory", "FLOPs", "matmul FLOPs"], deit)]
     baseline, backends = backend_comparison(rows)
     if backends:
-        parts += ["", f"Scan backends vs {baseline} (img/s ratio > 1: faster)", _table(
+        parts += ["", f"Scan backends vs {baseline} (speedup: img/s ratio; mem: ratio of "
+                  "what the workload adds on CPU, of the peaks on CUDA)", _table(
             ["model", "px", "batch", "dtype", "mode", "backend", "img/s", f"{baseline} img/s",
-             "speedup", "peak MiB", f"{baseline} MiB"], backends)]
+             "speedup", "s/step", f"{baseline} s/step", "peak MiB", f"{baseline} peak MiB",
+             "mem"], backends)]
     scaling = scaling_table(rows)
     if scaling:
         parts += ["", "Resolution scaling (relative to the smallest size)", _table(

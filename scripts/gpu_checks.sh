@@ -29,6 +29,8 @@ export PYTHONUNBUFFERED=1
 # Keep Triton's autotuning results on disk, so the later benchmark processes reuse them
 # instead of re-tuning the same shapes (ignored by Triton releases without the knob).
 export TRITON_CACHE_AUTOTUNING=1
+# ... and log each tuning (its duration and the chosen config) into the logs.
+export TRITON_PRINT_AUTOTUNING=1
 : > "$SUMMARY"; : > "$TESTS_LOG"; : > "$BENCH_TXT"; : > "$TRAIN_LOG"
 
 if [ "$SMOKE" = 1 ]; then

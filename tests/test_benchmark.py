@@ -89,6 +89,43 @@ def test_plan_pairs_each_mamba_size_with_its_deit_and_sweep_batches():
         ["torch", "mambapy"], 8, 2, 2)
 
 
+def fake_row(model, backend, size, batch, img_per_s, peak_mem_mb, device="cuda", mode="train",
+             dtype="bf16"):
+    """A result row as measure() writes it, with made-up figures."""
+    return dict(model=model, family="mamba" if benchmark.is_mamba(model) else "deit",
+                backend=backend, backend_resolved=backend, img_size=size, batch=batch,
+                dtype=dtype, mode=mode, device=device, img_per_s=img_per_s,
+                step_s=batch / img_per_s, first_step_s=1.0, peak_mem_mb=peak_mem_mb,
+                tokens=(size // 16) ** 2 + 12, flops={"total": 2e10, "matmul": 1e10},
+                gflops_per_img=20.0, tflops_per_s=1.0)
+
+
+def test_targets_of_issues_2_and_5():
+    mb, db = "mambar_base_patch16_224", "deit_base_patch16_224"
+    rows = [fake_row(mb, "triton", 224, 128, 1100, 16000),
+            fake_row(db, "sdpa", 224, 128, 2000, 9000),
+            fake_row(mb, "triton", 512, 32, 300, 9000), fake_row(db, "sdpa", 512, 32, 250, 9000),
+            fake_row(mb, "triton", 1024, 8, 20, 9000), fake_row(db, "sdpa", 1024, 8, 25, 9000)]
+    tiny = "mambar_tiny_patch16_224"
+    for backend, speed, mem in (("torch", 2.0, 1500), ("mambapy", 0.3, 6000)):
+        rows += [fake_row(tiny, backend, 224, 8, speed, mem, "cpu", "train", "fp32"),
+                 fake_row(tiny, backend, 224, 8, 3 * speed, mem, "cpu", "infer", "fp32")]
+    got = {(t["issue"], t["name"]): (t["value"], t["ok"]) for t in benchmark.check_targets(rows)}
+    assert got[(5, "Mamba-B triton img/s (224 px, batch 128)")] == (1100, True)
+    assert got[(5, "Mamba-B peak training memory, GB")] == (round(16000 * 2**20 / 1e9, 3), True)
+    assert got[(5, "Mamba-B / DeiT-B img/s (224 px)")] == (0.55, True)
+    assert got[(5, "Mamba-B / DeiT-B img/s (512 px, batch 32)")] == (1.2, True)
+    assert got[(5, "Mamba-B / DeiT-B img/s (1024 px, batch 8)")] == (0.8, False)
+    assert got[(2, "train speedup over the mambapy scan")] == (round(2 / 0.3, 3), True)
+    assert got[(2, "infer speedup over the mambapy scan")][1] is True
+    assert got[(2, "train peak RSS, MiB (mambapy: 6000)")] == (1500, True)
+    report = benchmark.report({"device_name": "x", "torch": "t", "cuda": None, "timm": "t",
+                               "triton": None, "mambapy": None, "python": "3", "threads": None,
+                               "date": "d", "git_commit": None, "command": "c"},
+                              rows, benchmark.check_targets(rows))
+    assert "FAIL" in report and "Scan backends vs mambapy" in report
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 def counted_matmul_flops(model, img_size, batch=2):
