@@ -1,0 +1,449 @@
+"""Process-level helpers: distributed setup, metric logging, seeding, stop signals, checkpoint
+I/O and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
+import argparse
+import builtins
+import datetime
+import errno
+import glob
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the command line, the data or a file: shown as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------- metric logging
+
+class SmoothedValue:
+    """Track a series of values and provide access to smoothed values over a window or the
+    global series average."""
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over ranks (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=comm_device())
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, n=1, **kwargs):
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            self.meters[k].update(v, n=n)
+
+    def __getattr__(self, attr):
+        if attr in self.meters:
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items()
+                                   if meter.deque)
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header="", start=0, total=None, images_per_iter=None):
+        """Yield from ``iterable``, printing progress every ``print_freq`` iterations.
+
+        ``start``/``total`` number the iterations of a resumed epoch; ``images_per_iter`` (the
+        global batch) turns the iteration time into a throughput in img/s."""
+        total = len(iterable) + start if total is None else total
+        start_time = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        for i, obj in enumerate(iterable, start):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1))))
+                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if images_per_iter:
+                    parts.append(f"img/s: {images_per_iter / max(iter_time.avg, 1e-9):.1f}")
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        done = max(iter_time.count, 1)
+        total_time = time.time() - start_time
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / done:.4f} s / it)", flush=True)
+
+
+# --------------------------------------------------------------------------- distributed
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def comm_device():
+    """Where tensors for collectives live: CUDA for nccl, CPU for gloo."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every rank but the first; print(..., force=True) still prints."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def _first_slurm_host(nodelist):
+    """First host name of a SLURM node list such as ``gpu[03-05,07],cpu1``."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=False).stdout.split()
+        if out:
+            return out[0]
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    prefix, ranges = match.group(1), match.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def init_distributed_mode(args):
+    """Join the process group described by torchrun / torch.distributed.launch variables
+    (RANK, WORLD_SIZE, LOCAL_RANK) or by SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID),
+    over nccl on GPUs and gloo on CPUs. Without either, run as a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        # env:// rendezvous needs these; srun does not set them.
+        os.environ.update(RANK=str(args.rank), WORLD_SIZE=str(args.world_size),
+                          LOCAL_RANK=str(args.gpu))
+        os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ["SLURM_JOB_NODELIST"]))
+        os.environ.setdefault("MASTER_PORT", "29500")
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.distributed = True
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+        args.dist_backend = "nccl"
+    else:
+        args.dist_backend = "gloo"
+    print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): "
+          f"{args.dist_url}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def any_rank(*flags):
+    """Per flag, whether it is set on any rank (one small all-reduce when distributed)."""
+    if not is_dist_avail_and_initialized():
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], device=comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# --------------------------------------------------------------------------- seeding
+
+def derive_seed(*keys):
+    """A 63-bit seed that is a pure function of ``keys`` (e.g. seed, epoch, step, rank).
+
+    Training reseeds from such keys at every step and for every sample, so a run restarted
+    from a checkpoint at any step boundary replays exactly the same random draws."""
+    digest = hashlib.blake2b(repr(tuple(int(k) for k in keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- stop signals
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1 (SLURM's pre-emption warning) so that training can stop at
+    the next step boundary and write a checkpoint. Repeated signals are absorbed: torchrun
+    forwards the SIGTERM that SLURM also sends directly, and that second copy must not kill
+    the checkpoint in progress. SIGINT keeps its default (immediate KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handler(self, signum, frame):
+        # No printing here: a handler that runs inside print() would re-enter the stream.
+        if self.signum is None:
+            self.signum = signum
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(obj, path):
+    """Write ``obj`` to ``path`` atomically: temp file in the same directory, flush, fsync,
+    rename, fsync the directory. A kill or a full disk at any moment leaves the previous
+    ``path`` intact. ``obj`` must be plain data (tensors, numbers, strings, lists, dicts) so
+    that it loads with ``weights_only=True``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    # Temp files of writers killed mid-write: only rank 0 writes into an output dir.
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}.*.tmp")):
+        os.unlink(stale)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            reason = err.strerror or os.strerror(err.errno or errno.EIO)
+            raise UserError(f"cannot write checkpoint {path}: {reason}; the previous "
+                            f"checkpoint there (if any) is intact") from None
+        raise
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Load a checkpoint with ``weights_only=True``: code in a pickle is refused, never run.
+
+    ``argparse.Namespace`` is allowed too so that checkpoints written by the official
+    Mamba®/Vim/DeiT training code (which pickle their args) can still be loaded; it carries
+    only plain values and runs no code."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"{what} is not a file: {path}")
+    try:
+        # The unpickler warns about pickle protocols it may not support; the refusal below
+        # is the message that matters.
+        with warnings.catch_warnings(), \
+                torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if "weights only load failed" in str(err).lower() and found:
+            raise UserError(f"refusing to load {what} {path}: unpickling it would call "
+                            f"{found.group(1)}, not just build tensors and plain data; nothing "
+                            f"in it was executed") from None
+        raise UserError(f"cannot read {what} {path}: the file is corrupt or not a plain-data "
+                        f"PyTorch checkpoint ({_first_line(err)}); nothing in it was "
+                        f"executed") from None
+    except Exception as err:  # the unpickler fails in many ways on damaged bytes
+        raise UserError(f"cannot read {what} {path}: the file is corrupt or truncated "
+                        f"({_first_line(err)})") from None
+
+
+def _first_line(err):
+    """The exception's type and first sentence: enough to tell what went wrong in one line."""
+    text = str(err).strip()
+    text = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def model_state_dict(checkpoint, path):
+    """The model weights of a checkpoint: ``{"model": state_dict}`` (the released format and
+    ours) or a bare state dict."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    if not (isinstance(checkpoint, dict) and checkpoint
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
+        raise UserError(f"{path} holds no model weights (expected {{'model': state_dict}} or a "
+                        f"state dict)")
+    return checkpoint
+
+
+def check_shapes(model, state_dict, path, model_name, strict=True, hint=""):
+    """Raise a one-line error naming the keys of ``state_dict`` that do not fit ``model``:
+    wrong shapes always, missing or unexpected keys too when ``strict``. Returns the
+    (missing, unexpected) key lists."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    problems = [f"{label}: {_name_list(keys)}" for label, keys in
+                (("shape mismatch (checkpoint vs model)", wrong),
+                 ("missing", missing if strict else []),
+                 ("unexpected", unexpected if strict else [])) if keys]
+    if problems:
+        raise UserError(f"{path} does not fit {model_name}: " + "; ".join(problems) + hint)
+    return missing, unexpected
+
+
+def _name_list(keys, limit=4):
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def append_log(output_dir, stats):
+    """One JSON line per epoch in ``output_dir/log.txt``, as DeiT writes it."""
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+
+
+# --------------------------------------------------------------------------- MLflow
+
+class MlflowRun:
+    """One MLflow run per invocation, on rank 0 only; a no-op elsewhere, when disabled, or
+    when mlflow is not installed (a warning, training goes on). Tracks to
+    ``MLFLOW_TRACKING_URI`` when set, else to ``sqlite:///mlflow.db`` in the working directory
+    (mlflow 3 refuses the old ./mlruns file store by default)."""
+
+    DEFAULT_URI = "sqlite:///mlflow.db"
+
+    def __init__(self, args, params, enabled=True):
+        self.mlflow = None
+        if not enabled or not is_main_process():
+            return
+        try:
+            import mlflow
+        except ImportError:
+            print("warning: mlflow is not installed; not tracking this run (--no-mlflow hides "
+                  "this warning)", file=sys.stderr)
+            return
+        # Its INFO lines (database creation, new experiment) would drown the training log.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        try:
+            with warnings.catch_warnings():
+                # Deprecation notices from mlflow's own dependencies (SQLAlchemy).
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or self.DEFAULT_URI)
+                mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "mambar"))
+            run_name = os.path.basename(os.path.normpath(args.output_dir)) if args.output_dir \
+                else args.model
+            mlflow.start_run(run_name=run_name)
+            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            self.mlflow = mlflow
+        except Exception as err:  # tracking must never stop training
+            print(f"warning: MLflow tracking disabled: {_first_line(err)}", file=sys.stderr)
+
+    def log_metrics(self, metrics, step):
+        if self.mlflow is None:
+            return
+        numeric = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        try:
+            self.mlflow.log_metrics(numeric, step=step)
+        except Exception as err:
+            print(f"warning: MLflow logging failed, tracking disabled: {_first_line(err)}",
+                  file=sys.stderr)
+            self.mlflow = None
+
+    def end(self, status="FINISHED"):
+        if self.mlflow is not None:
+            self.mlflow.end_run(status=status)
+            self.mlflow = None
