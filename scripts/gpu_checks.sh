@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${GPU_CHECKS_BUDGET_S:-540}
 SMOKE=${GPU_CHECKS_SMOKE:-0}
 SUMMARY=$OUT/summary.txt
