@@ -63,7 +63,8 @@ def three_augment(args):
     if args.color_jitter:
         secondary.append(transforms.ColorJitter(args.color_jitter, args.color_jitter,
                                                 args.color_jitter))
-    final = [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    final = [transforms.ToTensor(),
+             transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(primary + secondary + final)
 
 

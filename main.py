@@ -7,8 +7,12 @@ Crash safety: checkpoints are written atomically; every random draw is a functio
 epoch, step, rank) or (seed, epoch, rank, sample position), so a run resumed from any checkpoint
 replays the uninterrupted run exactly. SIGTERM / SIGUSR1 stop at the next optimizer step and
 write a mid-epoch checkpoint (``"epoch_complete": False``) that a resume continues from the
-next micro-batch; the process then exits with 128 + the signal number. Bad input ends the run
-with one ``error:`` line on stderr and exit code 1 (``--debug`` shows the traceback).
+next micro-batch; the process then exits with 128 + the signal number. Relaunching the same
+command continues from ``output_dir/checkpoint.pth`` (``--auto-resume``, the default;
+``--no-auto-resume`` starts over). A non-finite loss stops the run without touching the
+checkpoints (``--skip-nonfinite N`` skips up to N such steps); an unreadable image stops it
+naming the file. Bad input ends the run with one ``error:`` line on stderr and exit code 1
+(``--debug`` shows the traceback).
 """
 import argparse
 import datetime
@@ -41,6 +45,9 @@ MODEL_MODULES = [models_mambar, models_vim]
 HEAD_PREFIXES = ("head.", "neck.", "norm_neck.")
 
 CHECKPOINT_VERSION = 1
+
+# What a mid-epoch position (a micro-batch index) means; a resume must match them to use it.
+MID_EPOCH_LAYOUT = ("batch_size", "world_size", "accum_iter")
 
 
 def get_args_parser():
@@ -372,6 +379,12 @@ def resume(checkpoint_path, state, args):
     state["nonfinite"].used = checkpoint.get("nonfinite_skipped", 0)
     if checkpoint.get("epoch_complete", True):
         start = (checkpoint["epoch"] + 1, 0)
+    elif any(checkpoint.get("args", {}).get(k) != getattr(args, k) for k in MID_EPOCH_LAYOUT):
+        # Its step counts batches of another size or sharding: the position cannot carry over.
+        print(f"note: {checkpoint_path} stopped mid-epoch with another "
+              f"{' / '.join(MID_EPOCH_LAYOUT)}; epoch {checkpoint['epoch']} restarts from its "
+              f"first step")
+        start = (checkpoint["epoch"], 0)
     else:
         start = (checkpoint["epoch"], checkpoint["step"])
     print(f"Resumed from {checkpoint_path}: epoch {start[0]}, step {start[1]}")
@@ -529,8 +542,9 @@ def stopped(stop, epoch, step, args):
     name = stop.name or "a signal on another rank"
     where = (f"checkpoint {os.path.join(args.output_dir, 'checkpoint.pth')}" if args.output_dir
              else "no checkpoint (no --output_dir)")
-    sys.stderr.write(f"Stopped by {name} at epoch {epoch}, step {step}: {where}; rerun the "
-                     f"same command to continue\n")
+    if utils.is_main_process():
+        sys.stderr.write(f"Stopped by {name} at epoch {epoch}, step {step}: {where}; rerun "
+                         f"the same command to continue\n")
     return 128 + (stop.signum or 15)
 
 

@@ -41,7 +41,8 @@ class RASampler(Sampler):
             indices = torch.arange(self.dataset_len)
         indices = indices.repeat_interleave(self.num_repeats).tolist()
         indices += indices[:self.total_size - len(indices)]
-        return iter(indices[self.rank:self.total_size:self.num_replicas][:self.num_selected_samples])
+        mine = indices[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[:self.num_selected_samples])
 
     def __len__(self):
         return self.num_selected_samples
