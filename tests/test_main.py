@@ -178,7 +178,8 @@ CPU_FLAGS = {"torchrun": " --num_workers 1", "launch": " --num_workers 1 --no-ml
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_three_stages_and_eval_with_two_processes(launcher, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    data = make_image_folder(tmp_path / "data")
+    # 4 training images: one step of 2 on each of the 2 processes per stage.
+    data = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
     values = dict(model=TINY, batch=2, data=data, out=tmp_path, epochs=1)
     for stage, template in zip(("pt", "mid", "ft"), STAGES):
         run_stage(LAUNCHERS[launcher](2), template + CPU_FLAGS[launcher], **values)
@@ -189,7 +190,7 @@ def test_three_stages_and_eval_with_two_processes(launcher, tmp_path, monkeypatc
     assert pt["model"]["pos_embed"].shape[1] == 64 and mid["model"]["pos_embed"].shape[1] == 196
     out = run_stage(LAUNCHERS[launcher](1), EVAL + CPU_FLAGS[launcher],
                     checkpoint=tmp_path / "ft" / "checkpoint.pth", **values)
-    assert "Accuracy of the network on the 4 test images" in out
+    assert "Accuracy of the network on the 2 test images" in out
     if launcher == "torchrun":
         mlflow = pytest.importorskip("mlflow")
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

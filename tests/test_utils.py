@@ -91,7 +91,8 @@ def test_a_pickle_with_code_is_refused_and_never_run(tmp_path):
     evil = tmp_path / "evil.pth"
     torch.save({"model": Evil(str(marker))}, evil)
     with pytest.raises(utils.UserError, match=f"refusing to load checkpoint {evil}: unpickling "
-                                              f"it would call posix.system.*nothing in it was executed"):
+                                              f"it would call posix.system.*nothing in it was "
+                                              f"executed"):
         utils.load_checkpoint(str(evil))
     assert not marker.exists()
 
