@@ -515,11 +515,11 @@ def run_training(model, criterion, loader_train, loader_val, state, device, amp_
               + ", ".join(f"{k} {v:.1f}%" for k, v in candidates.items())
               + f"; best {state['max_accuracy']:.2f}% ({state['best_source']})")
         save(state, epoch, None, args, best=improved)
-        log_stats = {**stats, "epoch": epoch, "n_parameters": n_parameters,
-                     "max_accuracy": state["max_accuracy"]}
+        stats["max_accuracy"] = state["max_accuracy"]
         if args.output_dir and utils.is_main_process():
-            utils.append_log(args.output_dir, log_stats)
-        tracker.log_metrics({**stats, "max_accuracy": state["max_accuracy"]}, step=epoch)
+            utils.append_log(args.output_dir,
+                             {**stats, "epoch": epoch, "n_parameters": n_parameters})
+        tracker.log_metrics(stats, step=epoch)
         if utils.any_rank(stop.requested)[0] and epoch + 1 < args.epochs:
             return stopped(stop, epoch + 1, 0, args)
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
@@ -548,6 +548,13 @@ def stopped(stop, epoch, step, args):
     return 128 + (stop.signum or 15)
 
 
+def make_output_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise utils.UserError(f"cannot create --output_dir {path}: {err.strerror}") from None
+
+
 def cli(argv=None):
     """Parse ``argv`` and run; returns the exit code. Expected failures (bad input,
     non-finite loss, unreadable data) are one ``error:`` line on stderr."""
@@ -556,7 +563,7 @@ def cli(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
+            make_output_dir(args.output_dir)
         return main(args)
     except (utils.UserError, NonFiniteLossError, UnreadableImageError) as err:
         if args.debug:

@@ -137,3 +137,33 @@ def test_without_mlflow_installed_training_goes_on(monkeypatch, capsys):
     run.log_metrics({"a": 1.0}, step=0)
     run.end()
     assert "mlflow is not installed" in capsys.readouterr().err
+
+
+def test_slurm_tasks_join_one_process_group(monkeypatch):
+    import builtins
+    calls = []
+    monkeypatch.setattr(builtins, "print", builtins.print)  # restored after the test
+    monkeypatch.setattr(utils.dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(utils.dist, "barrier", lambda: None)
+    monkeypatch.setattr(utils.shutil, "which", lambda name: None)  # no scontrol here
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # so that the values set by the code get undone
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-04,07],cpu1")
+    args = SimpleNamespace(device="cpu", dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.distributed, args.rank, args.world_size, args.gpu) == (True, 5, 8, 1)
+    assert calls == [dict(backend="gloo", init_method="env://", world_size=8, rank=5)]
+    assert (os.environ["MASTER_ADDR"], os.environ["RANK"], os.environ["LOCAL_RANK"]) == \
+        ("gpu03", "5", "1")
+
+
+def test_a_single_process_needs_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    args = SimpleNamespace(device="cpu", dist_url="env://")
+    utils.init_distributed_mode(args)
+    assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)
