@@ -366,7 +366,7 @@ def resume(checkpoint_path, state, args):
             load_model_weights(state["model_ema"].module, checkpoint["model_ema"],
                                f"{checkpoint_path} (model_ema)", args)
         else:
-            state["model_ema"].set(model)
+            state["model_ema"].module.load_state_dict(model.state_dict())
     if args.eval or "optimizer" not in checkpoint or "epoch" not in checkpoint:
         print(f"Loaded weights from {checkpoint_path}")
         return args.start_epoch, 0

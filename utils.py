@@ -316,12 +316,14 @@ def save_checkpoint(obj, path):
         os.close(fd)
 
 
+# Checkpoints of the official Mamba® / Vim / DeiT training code pickle their argparse args.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
 def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint with ``weights_only=True``: code in a pickle is refused, never run.
-
-    ``argparse.Namespace`` is allowed too so that checkpoints written by the official
-    Mamba®/Vim/DeiT training code (which pickle their args) can still be loaded; it carries
-    only plain values and runs no code."""
+    Besides tensors and plain data only ``argparse.Namespace`` is allowed (it carries plain
+    values and runs no code)."""
     if not os.path.exists(path):
         raise UserError(f"{what} not found: {path}")
     if not os.path.isfile(path):
@@ -329,8 +331,7 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         # The unpickler warns about pickle protocols it may not support; the refusal below
         # is the message that matters.
-        with warnings.catch_warnings(), \
-                torch.serialization.safe_globals([argparse.Namespace]):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
