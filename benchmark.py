@@ -66,6 +66,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+# As in main.py: sleeping, not spinning, idle OpenMP threads (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import timm
 import torch
 import torch.nn as nn
