@@ -17,16 +17,16 @@ naming the file. Bad input ends the run with one ``error:`` line on stderr and e
 import argparse
 import datetime
 import os
+import signal
+import sys
+import time
+import traceback
 
 # Idle OpenMP threads must sleep, not spin: a spinning team fights any other busy process for
 # the cores and every op's barrier then waits out a scheduler slice (seen here: a 2-thread CPU
 # training step took 135 s instead of 3.5 s next to one other busy process). Read by OpenMP
 # when torch loads, hence before the imports below.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import signal
-import sys
-import time
-import traceback
 
 import timm
 import torch
