@@ -455,11 +455,15 @@ def pretrained_cfg(**kwargs) -> dict:
             "classifier": "head", **kwargs}
 
 
+# The authors' released weights (as linked from their repository, wangf3014/Mamba-Reg);
+# Tiny has none. pretrained=True downloads them through timm; offline, pass
+# pretrained_cfg_overlay=dict(file="/path/to/mambar_base_patch16_224.pth").
+_RELEASES = "https://huggingface.co/Wangf3014/Mamba-Reg/resolve/main"
 default_cfgs = generate_default_cfgs({
     "mambar_tiny_patch16_224": pretrained_cfg(),
-    "mambar_small_patch16_224": pretrained_cfg(),
-    "mambar_base_patch16_224": pretrained_cfg(),
-    "mambar_large_patch16_224": pretrained_cfg(),
+    "mambar_small_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_small_patch16_224.pth"),
+    "mambar_base_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_base_patch16_224.pth"),
+    "mambar_large_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_large_patch16_224.pth"),
 })
 
 _SIZES = {

@@ -268,3 +268,17 @@ def test_rmsnorm_formula_and_dtype():
     want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     torch.testing.assert_close(norm(x), want)
     assert norm(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_pretrained_through_timm_offline_overlay(tmp_path):
+    src = timm.create_model("mambar_small_patch16_224", num_classes=1000)
+    path = tmp_path / "mambar_small_patch16_224.pth"
+    torch.save({"model": src.state_dict()}, path)
+    cfg = timm.models.get_pretrained_cfg("mambar_small_patch16_224")
+    assert cfg.url.endswith("/mambar_small_patch16_224.pth")
+    assert not timm.models.get_pretrained_cfg("mambar_tiny_patch16_224").url
+    model = timm.create_model("mambar_small_patch16_224", pretrained=True, img_size=128,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.layers[5].mixer.A_b_log, src.layers[5].mixer.A_b_log)
+    assert torch.equal(model.head.weight, src.head.weight)
+    assert model.pos_embed.shape == (1, 64, 384)  # 14x14 resized to the 8x8 grid
