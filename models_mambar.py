@@ -11,6 +11,7 @@ The selective scan is pluggable (``selective_scan.py``); nothing here imports a 
 """
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
 import zipfile
@@ -384,6 +385,8 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
     A file that needs arbitrary code to unpickle is refused, never executed.
     """
     try:
+        # Checkpoints of the official training code also pickle their argparse.Namespace.
+        torch.serialization.add_safe_globals([argparse.Namespace])
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None

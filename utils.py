@@ -316,8 +316,11 @@ def save_checkpoint(obj, path):
         os.close(fd)
 
 
-# Checkpoints of the official Mamba® / Vim / DeiT training code pickle their argparse args.
-torch.serialization.add_safe_globals([argparse.Namespace])
+def allow_official_args():
+    """Let weights_only loading rebuild ``argparse.Namespace``, which checkpoints of the official
+    Mamba® / Vim / DeiT code pickle. Registered at every load: timm's own loader removes it
+    again when its ``safe_globals`` context exits."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
 
 
 def load_checkpoint(path, what="checkpoint"):
@@ -333,6 +336,7 @@ def load_checkpoint(path, what="checkpoint"):
         # is the message that matters.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            allow_official_args()
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
