@@ -36,7 +36,7 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 out=${DEMO_OUTPUT:-$repo/output/demo}
-rm -rf "$out/pt" "$out/mid" "$out/ft" "$out/eval.log"
+rm -rf "$out"/{pt,mid,ft} "$out"/{pt,mid,ft,eval}.log
 mkdir -p "$out"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$out/mlflow.db}
 export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-mambar-demo}
