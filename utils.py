@@ -326,7 +326,17 @@ def allow_official_args():
 def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint with ``weights_only=True``: code in a pickle is refused, never run.
     Besides tensors and plain data only ``argparse.Namespace`` is allowed (it carries plain
-    values and runs no code)."""
+    values and runs no code). An http(s) URL (a released checkpoint) is downloaded once into
+    torch hub's checkpoint cache, then loaded from there the same way."""
+    if path.startswith(("http://", "https://")):
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path))
+        if not os.path.isfile(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(path, cached)
+            except Exception as err:
+                raise UserError(f"cannot download {what} {path}: {err}") from None
+        path = cached
     if not os.path.exists(path):
         raise UserError(f"{what} not found: {path}")
     if not os.path.isfile(path):

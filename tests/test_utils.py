@@ -1,3 +1,4 @@
+import shutil
 import argparse
 import errno
 import os
@@ -167,3 +168,21 @@ def test_a_single_process_needs_no_process_group(monkeypatch):
     args = SimpleNamespace(device="cpu", dist_url="env://")
     utils.init_distributed_mode(args)
     assert (args.distributed, args.rank, args.world_size) == (False, 0, 1)
+
+
+def test_a_url_is_downloaded_once_into_the_hub_cache(tmp_path, monkeypatch):
+    src = tmp_path / "src.pth"
+    torch.save({"model": {"w": torch.arange(3.0)}}, src)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    calls = []
+
+    def fake_download(url, dst):
+        calls.append(url)
+        shutil.copyfile(src, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    url = "https://example.org/weights/mambar_base_patch16_224.pth"
+    for _ in range(2):
+        assert torch.equal(utils.load_checkpoint(url)["model"]["w"], torch.arange(3.0))
+    assert calls == [url]
+    assert (tmp_path / "hub" / "checkpoints" / "mambar_base_patch16_224.pth").is_file()
