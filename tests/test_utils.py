@@ -1,7 +1,7 @@
-import shutil
 import argparse
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
