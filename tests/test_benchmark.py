@@ -1,5 +1,6 @@
 """benchmark.py on CPU: the CLI's JSON, the CPU worker subprocess, the FLOP counter against
 independent counts, and the mambapy baseline scan against the oracle. No timing assertions."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -84,9 +85,27 @@ def test_plan_pairs_each_mamba_size_with_its_deit_and_sweep_batches():
         ("deit_base_patch16_224", "sdpa")]
     assert {c.img_size: c.batch for c in configs} == {224: 8, 384: 8, 512: 8, 768: 16, 1024: 8}
     assert benchmark.parse_sweep_batch("4") == {0: 4}
+
+
+def pretend_mambapy_is(installed: bool, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: (
+        (object() if installed else None) if name == "mambapy" else find_spec(name, *rest)))
+
+
+def test_compare_mambapy_preset_fills_unset_flags(monkeypatch):
+    pretend_mambapy_is(True, monkeypatch)
     preset = benchmark.parse_args(["--compare-mambapy", "--iters", "2"])
     assert (preset.backend, preset.batch, preset.threads, preset.iters) == (
         ["torch", "mambapy"], 8, 2, 2)
+
+
+def test_mambapy_backend_without_mambapy_is_a_one_line_error(monkeypatch, capsys):
+    pretend_mambapy_is(False, monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(["--compare-mambapy"])
+    assert exc.value.code == 2
+    assert "pip install mambapy" in capsys.readouterr().err
 
 
 def fake_row(model, backend, size, batch, img_per_s, peak_mem_mb, device="cuda", mode="train",
