@@ -24,9 +24,11 @@ Design, and why:
 * No flip copies: "scan order" position s maps to time t = s, or t = L-1-s when
   ``reverse``; only the addresses differ, so reverse costs the same as forward, and strided
   views (x/z slices of one xz tensor, B/C slices of a projection) are read in place.
-* The backward recomputes states instead of storing them: the forward keeps only the state
-  at each chunk boundary (batch x E x (chunks-1) x N fp32; at L=208, N=16 that is 1.8x the
-  bytes of a bf16 u), so the backward rebuilds each chunk's states with one forward scan. It walks the
+* Nothing but the inputs is kept for the backward. It first reruns the forward kernel in a
+  states-only mode that writes the state at each chunk boundary to a scratch buffer
+  (batch x E x (chunks-1) x N fp32; at L=208, N=16 that is 1.8x the bytes of a bf16 u, which
+  kept from the forward would add ~7 GB to a Mamba-B training step at batch 128), then
+  rebuilds each chunk's states from its boundary state with one forward scan. It walks the
   chunks last-to-first and runs the adjoint recurrence g_s = dy_s C_s +
   exp(delta_{s+1} A) g_{s+1} as a forward scan over the chunk flipped in time: a flip of a
   thread-local axis is free register renaming, while ``reverse=True`` compiles to many
@@ -117,8 +119,11 @@ def _tn(x):
 
 @triton.jit
 def _sum_n(x):
-    """Sum a state tile over the states: (time, N2, channel, N1) -> (time, channel)."""
-    return tl.sum(tl.sum(x, axis=3), axis=1)
+    """Sum a state tile over the states: (time, N2, channel, N1) -> (time, channel).
+
+    The in-thread axis first: summing over the lanes first would shuffle N2 times as much.
+    """
+    return tl.sum(tl.sum(x, axis=1), axis=2)
 
 
 @triton.jit
@@ -132,7 +137,8 @@ def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     return tl.where(mask, dt, 0.0), raw
 
 
-@triton.autotune(configs=_configs([(4, 4), (4, 2), (8, 4)]), key=["E", "N", "L", "BLOCK_L"])
+@triton.autotune(configs=_configs([(4, 4), (4, 2), (8, 4)]),
+                 key=["E", "N", "L", "BLOCK_L", "STATES_ONLY"])
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
@@ -140,10 +146,11 @@ def _scan_fwd_kernel(
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STATES_ONLY: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     N_LANES: tl.constexpr,
 ):
+    # STATES_ONLY: write the chunk-boundary states (for the backward) instead of the output.
     N1: tl.constexpr = N_LANES if N_LANES < BLOCK_N else BLOCK_N
     N2: tl.constexpr = BLOCK_N // N1
     pid_e = tl.program_id(0)
@@ -166,6 +173,7 @@ def _scan_fwd_kernel(
     z_base = z_ptr + b * s_z_b
     out_base = out_ptr + b * E * L + e[None, :] * L
     ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * ((n_chunks - 1) * BLOCK_N) + n[:, None, :]
+    first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
     last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
 
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
@@ -180,23 +188,23 @@ def _scan_fwd_kernel(
         dt, _ = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
                        HAS_BIAS, SOFTPLUS)
         Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
-        Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
 
         dA = tl.exp2(_te(dt) * A2[None])                      # (BLOCK_L, N2, BLOCK_E, N1)
         dBu = _te(dt * u) * _tn(Bt)
-        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        hs = b_cum + a_cum * h[None]
-        y = _sum_n(hs * _tn(Ct))
-        if HAS_D:
-            y += D[None, :] * u
-        if HAS_Z:
-            zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
-            y *= zt * _sigmoid(zt)
-        tl.store(out_base + t[:, None], y, mask=mask)
-
+        _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None], dBu)), 0,
+                                    _affine_combine)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
-        if c < n_chunks - 1:
-            tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
+        if STATES_ONLY:
+            if c < n_chunks - 1:
+                tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
+        else:
+            y = _sum_n(hs * _tn(_load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)))
+            if HAS_D:
+                y += D[None, :] * u
+            if HAS_Z:
+                zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
+                y *= zt * _sigmoid(zt)
+            tl.store(out_base + t[:, None], y, mask=mask)
 
 
 @triton.autotune(configs=_configs([(8, 4), (8, 2), (16, 4)]), key=["E", "N", "L", "BLOCK_L"],
@@ -272,8 +280,8 @@ def _scan_bwd_kernel(
         dA = tl.exp2(_te(dt) * A2[None])
         dtu = dt * u
         dBu = _te(dtu) * _tn(Bt)
-        a_cum, b_cum = tl.associative_scan((dA, dBu), 0, _affine_combine)
-        hs = b_cum + a_cum * h0[None]
+        _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h0[None], dBu)), 0,
+                                    _affine_combine)
 
         dy = dout
         if HAS_Z:
@@ -290,9 +298,10 @@ def _scan_bwd_kernel(
         # sits in each thread's registers, so flipping it is free, while a reverse=True scan
         # compiles to many warp shuffles.
         dA_next = tl.flip(tl.exp2(_te(dt_next) * A2[None]), 0)
-        ga, gb = tl.associative_scan((dA_next, tl.flip(_te(dy) * _tn(Ct), 0)), 0,
-                                     _affine_combine)
-        g = tl.flip(gb + ga * g_next[None], 0)
+        dyC = tl.flip(_te(dy) * _tn(Ct), 0)
+        _, g = tl.associative_scan((dA_next, tl.where(first, dyC + dA_next * g_next[None], dyC)),
+                                   0, _affine_combine)
+        g = tl.flip(g, 0)
         g_next = tl.sum(tl.where(first, g, 0.0), axis=0)
 
         # g_s * exp(delta_s A) * h_{s-1}, using exp(delta_s A) h_{s-1} = h_s - dBu_s.
@@ -330,7 +339,38 @@ def _strides3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states_only):
+    """Launch the forward kernel: the output, or (``states_only``) the chunk-boundary states."""
+    batch, E, L = u.shape
+    N = A.shape[1]
+    block_l = _block_l(L)
+    n_chunks = triton.cdiv(L, block_l)
+    block_n = triton.next_power_of_2(N)
+    if states_only:
+        result = torch.empty((batch, E, max(n_chunks - 1, 1), block_n), dtype=torch.float32,
+                             device=u.device)
+        out, ckpt = u, result        # u stands in for the output pointer, never written
+    else:
+        result = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+        out, ckpt = result, u        # and for the states pointer
+    # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
+    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias, out, ckpt,
+        E, N, L, n_chunks,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=softplus, REVERSE=reverse, STATES_ONLY=states_only,
+        BLOCK_N=block_n, BLOCK_L=block_l,
+    )
+    return result
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
+    """Saves only the inputs: the backward first recomputes the chunk-boundary states (one
+    extra pass that reads u, delta and B) instead of keeping them from the forward, where
+    they would cost 1.8x a bf16 u per direction and layer for the whole step."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -344,31 +384,17 @@ class _SelectiveScanTriton(torch.autograd.Function):
         # The kernels index D and delta_bias as dense vectors (they are tiny).
         D = None if D is None else D.contiguous()
         delta_bias = None if delta_bias is None else delta_bias.contiguous()
-        block_l = _block_l(L)
-        n_chunks = triton.cdiv(L, block_l)
-        block_n = triton.next_power_of_2(N)
-        out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
-        ckpt = torch.empty((batch, E, max(n_chunks - 1, 1), block_n), dtype=torch.float32,
-                           device=u.device)
-        # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
-        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias, out, ckpt,
-            E, N, L, n_chunks,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-            BLOCK_N=block_n, BLOCK_L=block_l,
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.flags = (bool(delta_softplus), bool(reverse), block_l, n_chunks, block_n)
+        ctx.flags = (bool(delta_softplus), bool(reverse))
+        out = _scan_forward(u, delta, A, B, C, D, z, delta_bias, *ctx.flags, states_only=False)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        softplus, reverse, block_l, n_chunks, block_n = ctx.flags
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        softplus, reverse = ctx.flags
+        ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
+                             states_only=True)
         batch, E, L = u.shape
         N = A.shape[1]
         dev, f32 = u.device, torch.float32
@@ -385,11 +411,12 @@ class _SelectiveScanTriton(torch.autograd.Function):
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias, ckpt, dout,
             du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
-            E, N, L, n_chunks,
+            E, N, L, triton.cdiv(L, _block_l(L)),
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
             *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=block_n, BLOCK_L=block_l,
+            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=triton.next_power_of_2(N),
+            BLOCK_L=_block_l(L),
         )
         return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.to(D.dtype), dz,
