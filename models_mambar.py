@@ -15,7 +15,7 @@ import argparse
 import math
 import pickle
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -66,19 +66,98 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-def _depthwise_conv(x: torch.Tensor, conv: nn.Conv1d, reverse: bool) -> torch.Tensor:
-    """Causal depthwise conv + SiLU; with ``reverse`` the anti-causal twin.
+def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               reverse: bool) -> torch.Tensor:
+    """Causal depthwise conv + SiLU in x's dtype; with ``reverse`` the anti-causal twin.
 
     The anti-causal conv with the kernel mirrored equals flip -> causal conv -> flip, so the
     backward direction needs no flipped copy of the sequence.
     """
-    k = conv.kernel_size[0]
-    length = x.shape[-1]
-    if reverse:
-        out = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=k - 1, groups=x.shape[1])
-        return F.silu(out[..., k - 1:])
-    out = F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=x.shape[1])
-    return F.silu(out[..., :length])
+    k = weight.shape[-1]
+    weight = weight.to(x.dtype).flip(-1) if reverse else weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
+    out = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])
+    return F.silu(out[..., k - 1:] if reverse else out[..., :x.shape[-1]])
+
+
+class _ConvSiLU(torch.autograd.Function):
+    """``_conv_silu`` that keeps only its inputs for the backward and redoes the (cheap) conv
+    there; autograd would keep the pre-activation, one more tensor the size of x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.reverse = reverse
+        # Casts are explicit (to x's dtype, as autocast would) so the redo matches exactly.
+        with torch.autocast(x.device.type, enabled=False):
+            return _conv_silu(x, weight, bias, reverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(saved, ctx.needs_input_grad)]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
+            grads = iter(torch.autograd.grad(_conv_silu(*inputs, ctx.reverse), wanted, grad))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs),
+                None)
+
+
+def _channel_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(O, I) @ (B, I, L) -> (B, O, L), channels-first in and out as the scan reads them.
+
+    One batched GEMM over a broadcast weight: the backward keeps x itself, where
+    ``torch.matmul`` would fold x into a transposed copy and keep that. The cast is explicit
+    (autocast would make the same one) so that recomputing the product matches exactly.
+    """
+    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
+
+
+class _RecomputeInBackward(torch.autograd.graph.saved_tensors_hooks):
+    """For the ops run inside: where one saves a tensor named in ``pairs`` (tensor, recompute),
+    keep a recipe instead and redo the tensor when the backward needs it. For tensors that
+    are cheap to redo but held by ops that are not (the scan). A ``recompute`` must not hold
+    its tensor. Hooks do not nest: inside, an outer hook (say, offloading to the CPU) does not
+    see what these ops save. Contexts built from the same pair share one recipe, so a tensor
+    saved by several ops is redone once and dropped after its last use."""
+
+    def __init__(self, *pairs: Tuple[torch.Tensor, "_Recipe"]):
+        recipes = {_tensor_key(t): recipe for t, recipe in pairs}
+
+        def pack(t: torch.Tensor):
+            recipe = recipes.get(_tensor_key(t))
+            if recipe is None:
+                return t
+            recipe.uses += 1
+            return recipe
+
+        def unpack(packed):
+            return packed.take() if isinstance(packed, _Recipe) else packed
+
+        super().__init__(pack, unpack)
+
+
+class _Recipe:
+    """How to redo one tensor in the backward; the result is kept until its last user has it."""
+
+    def __init__(self, recompute: Callable[[], torch.Tensor]):
+        self.recompute = recompute
+        self.uses = 0
+        self.value: Optional[torch.Tensor] = None
+
+    def take(self) -> torch.Tensor:
+        value = self.value
+        if value is None:
+            with torch.no_grad():
+                value = self.recompute()
+        self.uses -= 1
+        self.value = value if self.uses > 0 else None
+        return value
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 class BiMambaMixer(nn.Module):
@@ -128,7 +207,6 @@ class BiMambaMixer(nn.Module):
         backend = resolve_backend(self.scan_backend, hidden.device)
         xz = self.in_proj(hidden).transpose(1, 2)            # (B, 2E, L), a view
         x, z = xz.chunk(2, dim=1)
-        x = x.contiguous()  # both convs read x; one copy instead of one inside each conv
         out_f = self._scan_direction(x, z, backend, reverse=False)
         out_b = self._scan_direction(x, z, backend, reverse=True)
         return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
@@ -142,20 +220,28 @@ class BiMambaMixer(nn.Module):
             conv, x_proj, dt_proj, a_log, d = (self.conv1d, self.x_proj, self.dt_proj,
                                                self.A_log, self.D)
         fast_conv = load_causal_conv1d() if backend == "cuda" else None
-        if fast_conv is not None:
+
+        def conv_silu() -> torch.Tensor:
+            if fast_conv is None:
+                return _ConvSiLU.apply(x, conv.weight, conv.bias, reverse)
             src = x.flip(-1) if reverse else x
             u = fast_conv(src.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
-            u = u.flip(-1) if reverse else u
-        else:
-            u = _depthwise_conv(x, conv, reverse)
-        # Weight @ (B, E, L) keeps the channels-first layout the scan reads: no transposes.
-        x_dbl = torch.matmul(x_proj.weight, u)               # (B, R + 2N, L)
-        dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = torch.matmul(dt_proj.weight, dt)             # (B, E, L); bias goes to the scan
-        scan = get_scan(backend)
-        return scan(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(), z,
-                    dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
+            return u.flip(-1) if reverse else u
 
+        # u and delta are each the size of x and cheap to redo: the backward recomputes them
+        # rather than keeping them for the whole step (Mamba-B, batch 128: 7 GB).
+        u = conv_silu()                                      # (B, E, L)
+        redo_u = (u, _Recipe(conv_silu))
+        with _RecomputeInBackward(redo_u):
+            x_dbl = _channel_matmul(x_proj.weight, u)        # (B, R + 2N, L)
+        dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = _channel_matmul(dt_proj.weight, dt)          # (B, E, L); bias goes to the scan
+        weight = dt_proj.weight
+        redo_delta = (delta, _Recipe(lambda: _channel_matmul(weight, dt)))
+        with _RecomputeInBackward(redo_u, redo_delta):
+            return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm,
+                                     d.float(), z, dt_proj.bias.float(), delta_softplus=True,
+                                     reverse=reverse)
 
 class Block(nn.Module):
     """Pre-norm residual block with the add fused into the norm: r <- r + drop_path(h);

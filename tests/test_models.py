@@ -1,8 +1,10 @@
 """Mamba®: checkpoint layout, token layout, the mixer's math, init, and training sanity."""
+import gc
 import json
 import math
 import os
 import pathlib
+import weakref
 
 import pytest
 import timm
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import models_mambar as mm
-from selective_scan import selective_scan_reference
+from selective_scan import selective_scan_reference, selective_scan_torch
 
 SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "spec"
 if not SPEC.exists():
@@ -182,10 +184,114 @@ def test_mixer_matches_two_flipped_oracle_scans(backend):
     got = mixer(hidden)
     want = reference_mixer(mixer, hidden)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    g_got = torch.autograd.grad(got.sum(), [hidden, mixer.conv1d_b.weight, mixer.A_b_log])
-    g_want = torch.autograd.grad(want.sum(), [hidden, mixer.conv1d_b.weight, mixer.A_b_log])
+    leaves = [hidden, *mixer.parameters()]
+    g_got = torch.autograd.grad(got.sum(), leaves)
+    g_want = torch.autograd.grad(want.sum(), leaves)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_conv_silu_keeps_only_its_inputs_and_matches_autograd(reverse):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = mm._ConvSiLU.apply(x, weight, bias, reverse)
+    assert {t.data_ptr() for t in kept} == {x.data_ptr(), weight.data_ptr(), bias.data_ptr()}
+    grads = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, weight, bias], grads)
+    want = torch.autograd.grad(mm._conv_silu(x, weight, bias, reverse), [x, weight, bias], grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # The anti-causal conv is the causal one on the reversed sequence.
+    if reverse:
+        flipped = mm._conv_silu(x.flip(-1), weight, bias, False).flip(-1)
+        torch.testing.assert_close(out, flipped)
+
+
+def test_mixer_recomputes_u_and_delta_instead_of_keeping_them(monkeypatch):
+    """The scan's u and delta (B, E, L each) are redone in the backward, not held."""
+    mixer = mm.BiMambaMixer(16, scan_backend="torch")
+    inputs = []
+
+    def recording_scan(u, delta, *args, **kwargs):
+        inputs.extend([weakref.ref(u), weakref.ref(delta)])
+        return selective_scan_torch(u, delta, *args, **kwargs)
+
+    convs = []
+    conv_silu = mm._conv_silu
+    monkeypatch.setattr(mm, "get_scan", lambda backend: recording_scan)
+    monkeypatch.setattr(mm, "_conv_silu", lambda *args: convs.append(1) or conv_silu(*args))
+    hidden = torch.randn(2, 7, 16, requires_grad=True)
+    out = mixer(hidden)
+    gc.collect()
+    assert len(inputs) == 4 and all(ref() is None for ref in inputs)
+    got = torch.autograd.grad(out.sum(), [hidden, *mixer.parameters()])
+    # Per direction: the forward, u redone once for both of its users, the conv's own backward.
+    assert len(convs) == 6
+    monkeypatch.undo()
+    want = torch.autograd.grad(reference_mixer(mixer, hidden).sum(),
+                               [hidden, *mixer.parameters()])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _InputKeepingScan(torch.autograd.Function):
+    """A stand-in scan that keeps exactly its inputs, as the Triton and mamba-ssm scans do."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        return torch.zeros_like(u)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * 8
+
+
+def test_block_keeps_only_what_its_backward_cannot_cheaply_redo(monkeypatch):
+    """What a block holds for the backward, per token: the fp32 residual and RMSNorm's
+    normalised copy (2D on the CPU; the fused CUDA norm keeps just the input), the norm's
+    output for in_proj (D), xz for z (2E = 4D), the out_proj input (E = 2D) and the low-rank
+    x_dbl of both directions (2(R + 2N)). Not u, delta or the conv pre-activation of either
+    direction, nor a transposed copy of u: those added about 18D floats per token."""
+    dim, length, state = 32, 16, 16
+    rank = math.ceil(dim / 16)
+    scan_inputs = []
+
+    def keeping_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
+        scan_inputs.extend(weakref.ref(t) for t in (A, B, C, D, z, delta_bias))
+        return _InputKeepingScan.apply(u, delta, A, B, C, D, z, delta_bias)
+
+    monkeypatch.setattr(mm, "get_scan", lambda backend: keeping_scan)
+    block = mm.Block(dim, scan_backend="torch")
+
+    def kept_bytes(batch):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        scan_inputs.clear()
+        hidden = torch.randn(batch, length, dim, requires_grad=True)
+        residual = torch.randn(batch, length, dim, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(hidden, residual)
+        gc.collect()
+        for ref in scan_inputs:  # what the scan keeps is hidden from outer hooks
+            t = ref()
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        del out
+        return sum(storages.values())
+
+    per_token = (kept_bytes(4) - kept_bytes(2)) / (2 * length) / 4   # fp32 values
+    expected = 2 * dim + dim + 4 * dim + 2 * dim + 2 * (rank + 2 * state) + 1   # + rstd
+    assert expected - 1 <= per_token <= expected + 1, (per_token, expected)
 
 
 def test_backend_argument_and_env_override(monkeypatch):
@@ -238,11 +344,21 @@ def test_interpolate_pos_embed_keeps_registers():
     dst.load_state_dict(state)
 
 
-def test_bf16_autocast_forward_on_cpu():
+def test_bf16_autocast_training_step_on_cpu():
+    torch.manual_seed(0)
     model = small_model()
+    x = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, 32, 32))
-    assert torch.isfinite(out.float()).all()
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    bf16_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for p, g in zip(model.parameters(), bf16_grads):
+        assert g.dtype == p.dtype and torch.isfinite(g).all()
+        # bf16 keeps ~3 significant digits: close to the fp32 gradient, not equal to it.
+        assert (g - p.grad).norm() <= 0.1 * p.grad.norm() + 1e-3
 
 
 def test_small_model_overfits_one_batch():
