@@ -6,7 +6,9 @@ of 8 channels, so the shapes below cover partial chunks, several chunks, partial
 blocks and a state size that is not a power of two. ``TestGPU`` checks realistic sizes
 against the pure-torch backend and runs only where CUDA is available.
 """
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -197,6 +199,73 @@ def test_reverse_is_flipped_forward():
         rev = selective_scan_triton(*(args[k] for k in NAMES), reverse=True)
         fwd = selective_scan_triton(*(flip(args[k]) for k in NAMES)).flip(-1)
     assert rel_err(rev, fwd) < 1e-6
+
+
+# Compiles every autotuning config of both kernels for an H100 (sm_90a) without a GPU, with
+# the argument specialisations a model's call gets (unit strides along time, 16-byte
+# alignment), and prints ptxas's register and spill figures as JSON lines. The interpreter
+# checks the kernels' numbers, not that they compile, nor whether they spill.
+COMPILE_FOR_H100 = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import selective_scan_triton as sst
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+unit = {"s_u_l", "s_dt_l", "s_B_l", "s_C_l", "s_z_l", "s_do_l", "s_A_n"}
+bf16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
+        "ddelta_ptr", "dz_ptr"}
+flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=True,
+             BLOCK_N=16, BLOCK_L=sst._block_l(208))  # Mamba at 224 px: 208 tokens
+runs = [(sst._scan_fwd_kernel, dict(STATES_ONLY=False)),
+        (sst._scan_fwd_kernel, dict(STATES_ONLY=True)), (sst._scan_bwd_kernel, {})]
+for tuner, extra in runs:
+    jit = tuner.fn
+    for config in tuner.configs:
+        consts = dict(flags, **extra, **config.kwargs)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(jit.arg_names):
+            if name in consts or name in unit:
+                signature[name] = "constexpr"
+                constexprs[(i,)] = consts.get(name, 1)
+            elif name.endswith("_ptr"):
+                signature[name] = "*bf16" if name in bf16 else "*fp32"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+        kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": config.num_warps})
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "k.ptx")
+            open(ptx, "w").write(kernel.asm["ptx"])
+            log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                                  os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
+        print(json.dumps(dict(kernel=jit.__name__, config=str(config), **{
+            key: int(re.search(pattern, log).group(1)) for key, pattern in (
+                ("registers", r"Used (\d+) registers"),
+                ("spill_stores", r"(\d+) bytes spill stores"),
+                ("spill_loads", r"(\d+) bytes spill loads"))})))
+"""
+
+
+def test_kernels_compile_for_h100_without_spills():
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(reports) == 9, reports   # 3 configs for each of the 3 kernel variants
+    for report in reports:
+        assert report["registers"] <= 255, report
+        assert report["spill_stores"] == report["spill_loads"] == 0, report
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
