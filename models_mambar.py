@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
-import zipfile
+import re
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,7 +29,8 @@ from selective_scan import (describe_backends, get_scan, load_causal_conv1d, req
                             resolve_backend)
 
 __all__ = ["MambaR", "VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm",
-           "CheckpointError", "load_state_dict_file", "check_state_dict", "load_checkpoint"]
+           "CheckpointError", "read_checkpoint", "model_state_dict", "load_state_dict_file",
+           "check_state_dict", "load_checkpoint"]
 
 
 class RMSNorm(nn.Module):
@@ -464,36 +467,62 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
 
 
-def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
-    """Load a checkpoint safely (weights_only) and return its model state dict.
-
-    Accepts ``{"model": state_dict}`` (the released format and ours) or a bare state dict.
-    A file that needs arbitrary code to unpickle is refused, never executed.
-    """
+def read_checkpoint(path: str, what: str = "checkpoint") -> object:
+    """Everything in a checkpoint file, loaded with ``weights_only=True``: a pickle that would
+    run code is refused, never executed. Besides tensors and plain data only
+    ``argparse.Namespace`` is allowed (checkpoints of the official Mamba® / Vim / DeiT code
+    pickle their arguments; it runs no code). Errors name the file, as ``what``."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} is not a file: {path}")
     try:
-        # Checkpoints of the official training code also pickle their argparse.Namespace.
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint path is a directory: {path}") from None
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"refusing to load {path}: it needs more than plain tensor data "
-                              f"to unpickle (possibly code), and only weights_only loading is "
-                              f"allowed") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated "
-                              f"({type(err).__name__}: {detail})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no model state dict (expected {{'model': "
+        # The unpickler warns about pickle protocols it may not support; the refusal below is
+        # the message that matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Registered at every load: timm's loader drops it when its safe_globals exits.
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if "weights only load failed" in str(err).lower() and found:
+            raise CheckpointError(f"refusing to load {what} {path}: unpickling it would call "
+                                  f"{found.group(1)}, not just build tensors and plain data; "
+                                  f"nothing in it was executed") from None
+        raise CheckpointError(f"cannot read {what} {path}: the file is corrupt or not a "
+                              f"plain-data PyTorch checkpoint ({_first_line(err)}); nothing in "
+                              f"it was executed") from None
+    except Exception as err:  # the unpickler fails in many ways on damaged bytes
+        raise CheckpointError(f"cannot read {what} {path}: the file is corrupt or truncated "
+                              f"({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The exception's type and first sentence: enough to tell what went wrong in one line."""
+    text = str(err).strip()
+    text = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def model_state_dict(checkpoint: object, path: str) -> Dict[str, torch.Tensor]:
+    """The model weights of a loaded checkpoint: ``{"model": state_dict}`` (the released format
+    and ours), ``{"state_dict": ...}`` or a bare state dict."""
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not (isinstance(checkpoint, dict) and checkpoint
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
+        raise CheckpointError(f"{path} holds no model weights (expected {{'model': "
                               f"state_dict}} or a state dict)")
-    return obj
+    return checkpoint
+
+
+def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
+    """The model state dict of a checkpoint file (see ``read_checkpoint``)."""
+    return model_state_dict(read_checkpoint(path), path)
 
 
 def check_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]

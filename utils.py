@@ -1,6 +1,5 @@
 """Process-level helpers: distributed setup, metric logging, seeding, stop signals, checkpoint
 I/O and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
-import argparse
 import builtins
 import datetime
 import errno
@@ -9,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -23,6 +21,8 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import models_mambar
 
 
 class UserError(Exception):
@@ -316,18 +316,10 @@ def save_checkpoint(obj, path):
         os.close(fd)
 
 
-def allow_official_args():
-    """Let weights_only loading rebuild ``argparse.Namespace``, which checkpoints of the official
-    Mamba® / Vim / DeiT code pickle. Registered at every load: timm's own loader removes it
-    again when its ``safe_globals`` context exits."""
-    torch.serialization.add_safe_globals([argparse.Namespace])
-
-
 def load_checkpoint(path, what="checkpoint"):
-    """Load a checkpoint with ``weights_only=True``: code in a pickle is refused, never run.
-    Besides tensors and plain data only ``argparse.Namespace`` is allowed (it carries plain
-    values and runs no code). An http(s) URL (a released checkpoint) is downloaded once into
-    torch hub's checkpoint cache, then loaded from there the same way."""
+    """Everything in a checkpoint, read safely by ``models_mambar.read_checkpoint`` (errors as
+    one-line ``UserError``s). An http(s) URL (a released checkpoint) is downloaded once into
+    torch hub's checkpoint cache, then read from there the same way."""
     if path.startswith(("http://", "https://")):
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path))
         if not os.path.isfile(cached):
@@ -337,29 +329,18 @@ def load_checkpoint(path, what="checkpoint"):
             except Exception as err:
                 raise UserError(f"cannot download {what} {path}: {err}") from None
         path = cached
-    if not os.path.exists(path):
-        raise UserError(f"{what} not found: {path}")
-    if not os.path.isfile(path):
-        raise UserError(f"{what} is not a file: {path}")
     try:
-        # The unpickler warns about pickle protocols it may not support; the refusal below
-        # is the message that matters.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            allow_official_args()
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if "weights only load failed" in str(err).lower() and found:
-            raise UserError(f"refusing to load {what} {path}: unpickling it would call "
-                            f"{found.group(1)}, not just build tensors and plain data; nothing "
-                            f"in it was executed") from None
-        raise UserError(f"cannot read {what} {path}: the file is corrupt or not a plain-data "
-                        f"PyTorch checkpoint ({_first_line(err)}); nothing in it was "
-                        f"executed") from None
-    except Exception as err:  # the unpickler fails in many ways on damaged bytes
-        raise UserError(f"cannot read {what} {path}: the file is corrupt or truncated "
-                        f"({_first_line(err)})") from None
+        return models_mambar.read_checkpoint(path, what)
+    except models_mambar.CheckpointError as err:
+        raise UserError(str(err)) from None
+
+
+def model_state_dict(checkpoint, path):
+    """The model weights of a loaded checkpoint (see ``models_mambar.model_state_dict``)."""
+    try:
+        return models_mambar.model_state_dict(checkpoint, path)
+    except models_mambar.CheckpointError as err:
+        raise UserError(str(err)) from None
 
 
 def _first_line(err):
@@ -367,18 +348,6 @@ def _first_line(err):
     text = str(err).strip()
     text = text.splitlines()[0].split(". ")[0] if text else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def model_state_dict(checkpoint, path):
-    """The model weights of a checkpoint: ``{"model": state_dict}`` (the released format and
-    ours) or a bare state dict."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        checkpoint = checkpoint["model"]
-    if not (isinstance(checkpoint, dict) and checkpoint
-            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())):
-        raise UserError(f"{path} holds no model weights (expected {{'model': state_dict}} or a "
-                        f"state dict)")
-    return checkpoint
 
 
 def check_shapes(model, state_dict, path, model_name, strict=True, hint=""):
