@@ -14,21 +14,22 @@ Design, and why:
   the SiLU(z) gate all happen in one pass over the inputs; nothing of size E x N x L ever
   touches memory.
 * The sequence is walked in chunks of BLOCK_L tokens, the state carried between chunks in
-  registers, so any L works (208 tokens at 224 px and 588 at 384 px are 13 and 37 chunks).
-  Inside a chunk the state is a (BLOCK_L, N2, BLOCK_E, N1) tile: Triton spreads a tile's
-  lanes over its last axes, so N1 = N_LANES states and 32 / N1 channels share a warp while
-  time and the other N2 states stay in each thread's registers. The recurrence
-  h_t = a_t h_{t-1} + b_t is then a ``tl.associative_scan`` over (a, b) pairs that never
-  leaves a thread (scanning along lanes instead cost 4x more instructions), and summing
-  over the states takes log2(N1) shuffles.
+  registers, so any L works (208 tokens at 224 px are 13 chunks of 16). Inside a chunk the
+  state is a (BLOCK_L, N2, BLOCK_E, N1) tile: Triton spreads a tile's lanes over its last
+  axes, so N1 = N_LANES states and 32 / N1 channels share a warp while time and the other
+  N2 states stay in each thread's registers. The recurrence h_t = a_t h_{t-1} + b_t is then
+  a ``tl.associative_scan`` over (a, b) pairs that never leaves a thread (scanning along
+  lanes instead cost 4x more instructions), with the carried state folded into the first
+  b so the scan need not also track products of a; summing over the states takes log2(N1)
+  shuffles, after the in-thread sum over N2.
 * No flip copies: "scan order" position s maps to time t = s, or t = L-1-s when
   ``reverse``; only the addresses differ, so reverse costs the same as forward, and strided
   views (x/z slices of one xz tensor, B/C slices of a projection) are read in place.
-* Nothing but the inputs is kept for the backward. It first reruns the forward kernel in a
-  states-only mode that writes the state at each chunk boundary to a scratch buffer
-  (batch x E x (chunks-1) x N fp32; at L=208, N=16 that is 1.8x the bytes of a bf16 u, which
-  kept from the forward would add ~7 GB to a Mamba-B training step at batch 128), then
-  rebuilds each chunk's states from its boundary state with one forward scan. It walks the
+* Nothing but the inputs is kept for the backward (the chunk-boundary states, batch x E x
+  (chunks-1) x N fp32, are 1.8x the bytes of a bf16 u at L=208, N=16: ~7 GB over a Mamba-B
+  training step at batch 128). The backward kernel first walks the chunks forwards,
+  writing each boundary state to a scratch buffer that lives for that kernel only, then
+  rebuilds each chunk's states from the one before it with one forward scan. It walks the
   chunks last-to-first and runs the adjoint recurrence g_s = dy_s C_s +
   exp(delta_{s+1} A) g_{s+1} as a forward scan over the chunk flipped in time: a flip of a
   thread-local axis is free register renaming, while ``reverse=True`` compiles to many
@@ -36,9 +37,10 @@ Design, and why:
   rather than shifting a register tile. g is carried across chunks like h.
 * Reductions before atomics: dB/dC are summed over the program's channel block, and dA, dD
   and d(delta_bias) over the program's whole sequence, before one fp32 atomic add each.
-* Block sizes: BLOCK_L = 16 (the backward's per-thread tiles spill beyond it) fixes the
-  chunk boundaries shared by both kernels; BLOCK_E, N_LANES and num_warps are autotuned per
-  (E, N, L) on GPU. Under TRITON_INTERPRET=1 (CPU tests) one small config is used and
+* Block sizes: BLOCK_L, BLOCK_E, N_LANES and num_warps are autotuned per (E, N, L) on the
+  GPU, each kernel on its own (longer chunks: less per-chunk overhead; shorter: fewer
+  registers, more warps per SM). Every candidate compiles for sm_90 without spilling (a
+  CPU test checks it). Under TRITON_INTERPRET=1 (CPU tests) one small config is used and
   tensors stay on the CPU.
 """
 from __future__ import annotations
@@ -53,22 +55,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 
-def _configs(shapes):
-    """Autotuning candidates, as (N_LANES, num_warps) pairs.
+def _configs(candidates):
+    """Autotuning candidates from (N_LANES, num_warps, BLOCK_L) triples.
 
     The state tile is (BLOCK_L, N2, BLOCK_E, N1): N1 = N_LANES states on lanes, the rest of a
     warp's 32 lanes on channels, warps on channels too, and time and the other N2 states in
     each thread's registers, so the scans and the time reductions never leave a thread.
+    Longer chunks mean fewer trips through the per-chunk overhead (layout changes, the
+    cross-channel sums) but more registers per thread, hence fewer warps per SM to hide
+    latency: the GPU decides by timing them.
     """
     if _INTERPRET:  # benchmarking configs under the interpreter would only cost time
-        return [triton.Config({"BLOCK_E": 8, "N_LANES": 4}, num_warps=1)]
-    return [triton.Config({"BLOCK_E": (32 // lanes) * warps, "N_LANES": lanes}, num_warps=warps)
-            for lanes, warps in shapes]
+        candidates = [(4, 1, 16)]
+    return [triton.Config({"BLOCK_E": (32 // lanes) * warps, "N_LANES": lanes,
+                           "BLOCK_L": block_l}, num_warps=warps)
+            for lanes, warps, block_l in candidates]
 
 
-def _block_l(length: int) -> int:
-    """Tokens per chunk: 16 keeps the backward's per-thread tiles in registers."""
-    return min(16, triton.next_power_of_2(length))
+_FWD_CONFIGS = _configs([(4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 4, 32), (8, 2, 32),
+                         (8, 4, 8)])
+_BWD_CONFIGS = _configs([(8, 4, 16), (8, 2, 16), (16, 4, 16), (8, 4, 8), (8, 2, 8),
+                         (4, 4, 8)])
 
 
 @triton.jit
@@ -137,20 +144,36 @@ def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     return tl.where(mask, dt, 0.0), raw
 
 
-@triton.autotune(configs=_configs([(4, 4), (4, 2), (8, 4)]),
-                 key=["E", "N", "L", "BLOCK_L", "STATES_ONLY"])
+@triton.jit
+def _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2, bias, h, first,
+                  s_u_l, s_u_e, s_dt_l, s_dt_e, s_B_l, s_B_n,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The states of one chunk, (BLOCK_L, N2, BLOCK_E, N1), from the state ``h`` before it,
+    with the chunk's inputs for the callers to reuse. ``h`` is folded into the first input
+    term, so the scan tracks h alone, not also the products of the decays."""
+    u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
+    dt, dt_raw = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
+                        HAS_BIAS, SOFTPLUS)
+    Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
+    dA = tl.exp2(_te(dt) * A2[None])
+    dBu = _te(dt * u) * _tn(Bt)
+    _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None], dBu)), 0,
+                                _affine_combine)
+    return hs, u, dt, dt_raw, Bt, dBu
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])
 @triton.jit
 def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, ckpt_ptr,
-    E, N, L, n_chunks,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
+    E, N, L,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr, STATES_ONLY: tl.constexpr,
+    SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     N_LANES: tl.constexpr,
 ):
-    # STATES_ONLY: write the chunk-boundary states (for the backward) instead of the output.
     N1: tl.constexpr = N_LANES if N_LANES < BLOCK_N else BLOCK_N
     N2: tl.constexpr = BLOCK_N // N1
     pid_e = tl.program_id(0)
@@ -172,48 +195,36 @@ def _scan_fwd_kernel(
     C_base = C_ptr + b * s_C_b
     z_base = z_ptr + b * s_z_b
     out_base = out_ptr + b * E * L + e[None, :] * L
-    ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * ((n_chunks - 1) * BLOCK_N) + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
     last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
 
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
-    for c in range(0, n_chunks):
+    for c in range(0, tl.cdiv(L, BLOCK_L)):
         s = c * BLOCK_L + tl.arange(0, BLOCK_L)
         l_mask = s < L
         t = L - 1 - s if REVERSE else s
         mask = l_mask[:, None] & e_mask[None, :]
         nl_mask = l_mask[:, None, None] & n_mask[None, :, :]
-
-        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
-        dt, _ = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
-                       HAS_BIAS, SOFTPLUS)
-        Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
-
-        dA = tl.exp2(_te(dt) * A2[None])                      # (BLOCK_L, N2, BLOCK_E, N1)
-        dBu = _te(dt * u) * _tn(Bt)
-        _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None], dBu)), 0,
-                                    _affine_combine)
+        hs, u, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
+                                          bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
+                                          s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
-        if STATES_ONLY:
-            if c < n_chunks - 1:
-                tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
-        else:
-            y = _sum_n(hs * _tn(_load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)))
-            if HAS_D:
-                y += D[None, :] * u
-            if HAS_Z:
-                zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
-                y *= zt * _sigmoid(zt)
-            tl.store(out_base + t[:, None], y, mask=mask)
+        y = _sum_n(hs * _tn(_load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)))
+        if HAS_D:
+            y += D[None, :] * u
+        if HAS_Z:
+            zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
+            y *= zt * _sigmoid(zt)
+        tl.store(out_base + t[:, None], y, mask=mask)
 
 
-@triton.autotune(configs=_configs([(8, 4), (8, 2), (16, 4)]), key=["E", "N", "L", "BLOCK_L"],
+@triton.autotune(configs=_BWD_CONFIGS, key=["E", "N", "L"],
                  reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"])
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, N, L, n_chunks,
+    E, N, L, s_ckpt_e,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
     s_do_b, s_do_e, s_do_l,
@@ -245,9 +256,26 @@ def _scan_bwd_kernel(
     do_base = dout_ptr + b * s_do_b
     row_base = b * E * L + e[None, :] * L          # du, ddelta, dz: contiguous (batch, E, L)
     bnl_base = b * N * L + n[None, :, :] * L       # dB, dC: contiguous fp32 (batch, N, L)
-    ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * ((n_chunks - 1) * BLOCK_N) + n[:, None, :]
+    ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * s_ckpt_e + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
+    last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
+    n_chunks = tl.cdiv(L, BLOCK_L)
 
+    # Pass 1: the state at the end of every chunk but the last, into this program's scratch.
+    h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
+    for c in range(0, n_chunks - 1):
+        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
+        t = L - 1 - s if REVERSE else s
+        mask = (s < L)[:, None] & e_mask[None, :]
+        nl_mask = (s < L)[:, None, None] & n_mask[None, :, :]
+        hs, _, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
+                                          bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
+                                          s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
+    tl.debug_barrier()  # pass 2 reads states other threads of this program wrote
+
+    # Pass 2: chunks last to first, each one's states rebuilt from the state before it.
     dA_acc = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -263,25 +291,17 @@ def _scan_bwd_kernel(
         t_next = t - 1 if REVERSE else t + 1
         mask_next = ((s + 1) < L)[:, None] & e_mask[None, :]
 
-        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
-        dt, dt_raw = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
-                            HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _delta(_load_te(dt_base, t_next, e, s_dt_l, s_dt_e, mask_next), bias,
-                            mask_next, HAS_BIAS, SOFTPLUS)
-        Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
-        Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
-        dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
-
-        # Recompute this chunk's states from the state saved at the end of the previous one.
         if c > 0:
             h0 = tl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask, other=0.0)
         else:
             h0 = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
-        dA = tl.exp2(_te(dt) * A2[None])
-        dtu = dt * u
-        dBu = _te(dtu) * _tn(Bt)
-        _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h0[None], dBu)), 0,
-                                    _affine_combine)
+        hs, u, dt, dt_raw, Bt, dBu = _chunk_states(
+            u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2, bias, h0, first,
+            s_u_l, s_u_e, s_dt_l, s_dt_e, s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _delta(_load_te(dt_base, t_next, e, s_dt_l, s_dt_e, mask_next), bias,
+                            mask_next, HAS_BIAS, SOFTPLUS)
+        Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
+        dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
 
         dy = dout
         if HAS_Z:
@@ -296,7 +316,7 @@ def _scan_bwd_kernel(
 
         # Adjoint: g_s = dy_s C_s + exp(delta_{s+1} A) g_{s+1}, run from the chunk's end. Time
         # sits in each thread's registers, so flipping it is free, while a reverse=True scan
-        # compiles to many warp shuffles.
+        # compiles to many warp shuffles. g_next is folded into the first (flipped) term.
         dA_next = tl.flip(tl.exp2(_te(dt_next) * A2[None]), 0)
         dyC = tl.flip(_te(dy) * _tn(Ct), 0)
         _, g = tl.associative_scan((dA_next, tl.where(first, dyC + dA_next * g_next[None], dyC)),
@@ -322,7 +342,7 @@ def _scan_bwd_kernel(
         tl.store(ddelta_ptr + row_base + t[:, None], ddt, mask=mask)
 
         # Sum over this program's channels first: one atomic per (n, t) instead of BLOCK_E.
-        dB = tl.sum(g * _te(dtu), axis=2)
+        dB = tl.sum(g * _te(dt * u), axis=2)
         dC = tl.sum(hs * _te(dy), axis=2)
         tl.atomic_add(dB_ptr + bnl_base + t[:, None, None], dB, mask=nl_mask, sem="relaxed")
         tl.atomic_add(dC_ptr + bnl_base + t[:, None, None], dC, mask=nl_mask, sem="relaxed")
@@ -339,38 +359,9 @@ def _strides3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, states_only):
-    """Launch the forward kernel: the output, or (``states_only``) the chunk-boundary states."""
-    batch, E, L = u.shape
-    N = A.shape[1]
-    block_l = _block_l(L)
-    n_chunks = triton.cdiv(L, block_l)
-    block_n = triton.next_power_of_2(N)
-    if states_only:
-        result = torch.empty((batch, E, max(n_chunks - 1, 1), block_n), dtype=torch.float32,
-                             device=u.device)
-        out, ckpt = u, result        # u stands in for the output pointer, never written
-    else:
-        result = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
-        out, ckpt = result, u        # and for the states pointer
-    # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
-    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-    _scan_fwd_kernel[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z,
-        u if delta_bias is None else delta_bias, out, ckpt,
-        E, N, L, n_chunks,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=softplus, REVERSE=reverse, STATES_ONLY=states_only,
-        BLOCK_N=block_n, BLOCK_L=block_l,
-    )
-    return result
-
-
 class _SelectiveScanTriton(torch.autograd.Function):
-    """Saves only the inputs: the backward first recomputes the chunk-boundary states (one
-    extra pass that reads u, delta and B) instead of keeping them from the forward, where
-    they would cost 1.8x a bf16 u per direction and layer for the whole step."""
+    """Keeps only its inputs for the backward, whose kernel first recomputes the state at each
+    chunk boundary into a scratch buffer that lives for that kernel only."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -384,20 +375,34 @@ class _SelectiveScanTriton(torch.autograd.Function):
         # The kernels index D and delta_bias as dense vectors (they are tiny).
         D = None if D is None else D.contiguous()
         delta_bias = None if delta_bias is None else delta_bias.contiguous()
-        ctx.flags = (bool(delta_softplus), bool(reverse))
-        out = _scan_forward(u, delta, A, B, C, D, z, delta_bias, *ctx.flags, states_only=False)
+        out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+        # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
+        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+        _scan_fwd_kernel[grid](
+            u, delta, A, B, C, u if D is None else D, u if z is None else z,
+            u if delta_bias is None else delta_bias, out,
+            E, N, L,
+            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
+            BLOCK_N=triton.next_power_of_2(N),
+        )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.flags = (bool(delta_softplus), bool(reverse))
         return out
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         softplus, reverse = ctx.flags
-        ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                             states_only=True)
         batch, E, L = u.shape
         N = A.shape[1]
+        block_n = triton.next_power_of_2(N)
         dev, f32 = u.device, torch.float32
+        # Room for the chunk boundaries of the shortest chunks the autotuner may pick.
+        min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd_kernel.configs)
+        ckpt = torch.empty((batch, E, max(triton.cdiv(L, min_block_l) - 1, 1), block_n),
+                           dtype=f32, device=dev)
         du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
         ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
         dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
@@ -411,12 +416,11 @@ class _SelectiveScanTriton(torch.autograd.Function):
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias, ckpt, dout,
             du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
-            E, N, L, triton.cdiv(L, _block_l(L)),
+            E, N, L, ckpt.stride(1),
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
             *dout.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=triton.next_power_of_2(N),
-            BLOCK_L=_block_l(L),
+            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=block_n,
         )
         return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if D is None else dD.to(D.dtype), dz,

@@ -1,9 +1,9 @@
 """The Triton selective scan against the oracle (forward and every gradient).
 
 Without CUDA the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here
-before Triton is imported), on small shapes; the interpreter uses 16-token chunks and blocks
-of 8 channels, so the shapes below cover partial chunks, several chunks, partial channel
-blocks and a state size that is not a power of two. ``TestGPU`` checks realistic sizes
+before Triton is imported), on small shapes; the interpreter uses 16-token chunks (8 and 32
+in one test) and blocks of 8 channels, so the shapes below cover partial chunks, several
+chunks, partial channel blocks and a state size that is not a power of two. ``TestGPU`` checks realistic sizes
 against the pure-torch backend and runs only where CUDA is available.
 """
 import json
@@ -148,6 +148,19 @@ def test_fp32_matches_oracle(batch, E, N, L, reverse):
                   reverse=reverse)
 
 
+@pytest.mark.parametrize("block_l", [8, 32])
+def test_other_chunk_lengths(monkeypatch, block_l):
+    """On a GPU the autotuner also picks 8- and 32-token chunks (the CPU config uses 16)."""
+    import selective_scan_triton as sst
+    for tuner in (sst._scan_fwd_kernel, sst._scan_bwd_kernel):
+        monkeypatch.setattr(tuner, "configs", [triton.Config(
+            {"BLOCK_E": 8, "N_LANES": 4, "BLOCK_L": block_l}, num_warps=1)])
+        monkeypatch.setattr(tuner, "cache", {})
+    for reverse in (False, True):
+        check_against(selective_scan_triton, selective_scan_reference, 1, 12, 16, 70,
+                      reverse=reverse)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("has_D,has_z,has_bias", [
     (False, False, False), (True, False, False), (False, True, True)],
@@ -216,14 +229,11 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 unit = {"s_u_l", "s_dt_l", "s_B_l", "s_C_l", "s_z_l", "s_do_l", "s_A_n"}
 bf16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
         "ddelta_ptr", "dz_ptr"}
-flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=True,
-             BLOCK_N=16, BLOCK_L=sst._block_l(208))  # Mamba at 224 px: 208 tokens
-runs = [(sst._scan_fwd_kernel, dict(STATES_ONLY=False)),
-        (sst._scan_fwd_kernel, dict(STATES_ONLY=True)), (sst._scan_bwd_kernel, {})]
-for tuner, extra in runs:
+flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, REVERSE=True, BLOCK_N=16)
+for tuner in (sst._scan_fwd_kernel, sst._scan_bwd_kernel):
     jit = tuner.fn
     for config in tuner.configs:
-        consts = dict(flags, **extra, **config.kwargs)
+        consts = dict(flags, **config.kwargs)
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(jit.arg_names):
             if name in consts or name in unit:
@@ -262,7 +272,7 @@ def test_kernels_compile_for_h100_without_spills():
                           text=True, env=env, cwd=root, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(reports) == 9, reports   # 3 configs for each of the 3 kernel variants
+    assert len(reports) == 12, reports   # 6 configs for each kernel
     for report in reports:
         assert report["registers"] <= 255, report
         assert report["spill_stores"] == report["spill_loads"] == 0, report
