@@ -76,11 +76,16 @@ def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     The anti-causal conv with the kernel mirrored equals flip -> causal conv -> flip, so the
     backward direction needs no flipped copy of the sequence.
     """
+    return F.silu(_conv_pre_activation(x, weight, bias, reverse)[0])
+
+
+def _conv_pre_activation(x, weight, bias, reverse):
+    """The conv before SiLU (B, E, L), and the padded conv and the kernel that produced it."""
     k = weight.shape[-1]
     weight = weight.to(x.dtype).flip(-1) if reverse else weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    out = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])
-    return F.silu(out[..., k - 1:] if reverse else out[..., :x.shape[-1]])
+    padded = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])
+    return padded[..., k - 1:] if reverse else padded[..., :x.shape[-1]], padded, weight
 
 
 class _ConvSiLU(torch.autograd.Function):
@@ -97,14 +102,22 @@ class _ConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        inputs = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(saved, ctx.needs_input_grad)]
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        with torch.enable_grad(), torch.autocast(grad.device.type, enabled=False):
-            grads = iter(torch.autograd.grad(_conv_silu(*inputs, ctx.reverse), wanted, grad))
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs),
-                None)
+        x, weight, bias = ctx.saved_tensors
+        k, channels, length = weight.shape[-1], x.shape[1], x.shape[-1]
+        with torch.autocast(grad.device.type, enabled=False):
+            pre, padded, kernel = _conv_pre_activation(x, weight, bias, ctx.reverse)
+            grad_padded = torch.zeros_like(padded)
+            (grad_padded[..., k - 1:] if ctx.reverse else grad_padded[..., :length]).copy_(
+                torch.ops.aten.silu_backward(grad.to(pre.dtype), pre))
+            dx, dkernel, dbias = torch.ops.aten.convolution_backward(
+                grad_padded, x, kernel, None if bias is None else [channels], [1], [k - 1],
+                [1], False, [0], channels, [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                            bias is not None and ctx.needs_input_grad[2]])
+        if dkernel is not None:
+            dkernel = (dkernel.flip(-1) if ctx.reverse else dkernel).to(weight.dtype)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dx, dkernel, dbias, None
 
 
 def _channel_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

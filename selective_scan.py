@@ -92,6 +92,18 @@ class _StepThreads:
             torch.set_num_threads(self.saved)
 
 
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """``F.softplus`` (x itself above 20, as there and in mamba-ssm's kernel), computed as
+    max(x, 0) + log1p(exp(-|x|)) with log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact to
+    rounding; y where 1 + y rounds to 1). Three times faster on the CPU: ``F.softplus``'s
+    scalar log1p was a tenth of a small model's training step."""
+    y = torch.exp(-x.abs())
+    one_p = y + 1
+    log1p = torch.log(one_p).mul_(y).div_(one_p - 1)
+    out = torch.where(one_p == 1, y, log1p).add_(x.clamp(min=0))
+    return torch.where(x > 20, x, out)
+
+
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     """Time-major fp32 (fp64 for fp64 input) views: u, raw and activated delta, A, B, C."""
     work = _work_dtype(u)
@@ -99,7 +111,7 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     dt_raw = delta.to(work).permute(2, 0, 1)
     if delta_bias is not None:
         dt_raw = dt_raw + delta_bias.to(work)
-    dt = (F.softplus(dt_raw) if delta_softplus else dt_raw).contiguous()
+    dt = (_softplus(dt_raw) if delta_softplus else dt_raw).contiguous()
     b_t = B.to(work).permute(2, 0, 1).unsqueeze(2).contiguous()      # (L, B, 1, N)
     c_t = C.to(work).permute(2, 0, 1).unsqueeze(2).contiguous()
     return u_t, dt_raw, dt, A.to(work), b_t, c_t

@@ -222,9 +222,9 @@ def test_mixer_recomputes_u_and_delta_instead_of_keeping_them(monkeypatch):
         return selective_scan_torch(u, delta, *args, **kwargs)
 
     convs = []
-    conv_silu = mm._conv_silu
+    conv = mm._conv_pre_activation
     monkeypatch.setattr(mm, "get_scan", lambda backend: recording_scan)
-    monkeypatch.setattr(mm, "_conv_silu", lambda *args: convs.append(1) or conv_silu(*args))
+    monkeypatch.setattr(mm, "_conv_pre_activation", lambda *args: convs.append(1) or conv(*args))
     hidden = torch.randn(2, 7, 16, requires_grad=True)
     out = mixer(hidden)
     gc.collect()

@@ -68,6 +68,18 @@ def test_torch_gradcheck_float64(reverse):
         lambda *a: ss.selective_scan_torch(*a, delta_softplus=True, reverse=reverse), args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_softplus_matches_torch(dtype):
+    x = torch.cat([torch.linspace(-120, 120, 2000), torch.randn(1000) * 4]).to(dtype)
+    x = x.reshape(3, 1000, 1).permute(2, 0, 1)   # strided, as the scan passes delta
+    want = torch.nn.functional.softplus(x)
+    got = ss._softplus(x)
+    assert got.dtype == dtype
+    tiny = torch.finfo(dtype).tiny
+    rel = ((got - want).abs() / want.abs().clamp_min(tiny)).max().item()
+    assert rel < 4 * torch.finfo(dtype).eps
+
+
 def test_reverse_equals_flipped_forward():
     args = make_inputs()
     u, delta, A, B, C, D, z, bias = args
