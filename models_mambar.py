@@ -79,7 +79,8 @@ def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return F.silu(_conv_pre_activation(x, weight, bias, reverse)[0])
 
 
-def _conv_pre_activation(x, weight, bias, reverse):
+def _conv_pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The conv before SiLU (B, E, L), and the padded conv and the kernel that produced it."""
     k = weight.shape[-1]
     weight = weight.to(x.dtype).flip(-1) if reverse else weight.to(x.dtype)
@@ -258,6 +259,7 @@ class BiMambaMixer(nn.Module):
             return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm,
                                      d.float(), z, dt_proj.bias.float(), delta_softplus=True,
                                      reverse=reverse)
+
 
 class Block(nn.Module):
     """Pre-norm residual block with the add fused into the norm: r <- r + drop_path(h);
