@@ -145,6 +145,16 @@ def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _chunk_positions(c, L, e_mask, n_mask, BLOCK_L: tl.constexpr, REVERSE: tl.constexpr):
+    """Chunk ``c``'s scan-order positions s, their times t (reversed when ``REVERSE``), and the
+    masks of its (time, channel) and (time, N2, N1) tiles."""
+    s = c * BLOCK_L + tl.arange(0, BLOCK_L)
+    l_mask = s < L
+    t = L - 1 - s if REVERSE else s
+    return s, t, l_mask[:, None] & e_mask[None, :], l_mask[:, None, None] & n_mask[None, :, :]
+
+
+@triton.jit
 def _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2, bias, h, first,
                   s_u_l, s_u_e, s_dt_l, s_dt_e, s_B_l, s_B_n,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
@@ -200,11 +210,7 @@ def _scan_fwd_kernel(
 
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, tl.cdiv(L, BLOCK_L)):
-        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        l_mask = s < L
-        t = L - 1 - s if REVERSE else s
-        mask = l_mask[:, None] & e_mask[None, :]
-        nl_mask = l_mask[:, None, None] & n_mask[None, :, :]
+        _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
         hs, u, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
                                           bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
                                           s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
@@ -264,10 +270,7 @@ def _scan_bwd_kernel(
     # Pass 1: the state at the end of every chunk but the last, into this program's scratch.
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, n_chunks - 1):
-        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        t = L - 1 - s if REVERSE else s
-        mask = (s < L)[:, None] & e_mask[None, :]
-        nl_mask = (s < L)[:, None, None] & n_mask[None, :, :]
+        _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
         hs, _, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
                                           bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
                                           s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
@@ -282,11 +285,7 @@ def _scan_bwd_kernel(
     g_next = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)  # g at the next chunk's start
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        s = c * BLOCK_L + tl.arange(0, BLOCK_L)
-        l_mask = s < L
-        t = L - 1 - s if REVERSE else s
-        mask = l_mask[:, None] & e_mask[None, :]
-        nl_mask = l_mask[:, None, None] & n_mask[None, :, :]
+        s, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
         # Scan position s + 1 (the step after t in scan order) for the adjoint's decay.
         t_next = t - 1 if REVERSE else t + 1
         mask_next = ((s + 1) < L)[:, None] & e_mask[None, :]
