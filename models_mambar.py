@@ -506,15 +506,16 @@ def read_checkpoint(path: str, what: str = "checkpoint") -> object:
                                   f"{found.group(1)}, not just build tensors and plain data; "
                                   f"nothing in it was executed") from None
         raise CheckpointError(f"cannot read {what} {path}: the file is corrupt or not a "
-                              f"plain-data PyTorch checkpoint ({_first_line(err)}); nothing in "
-                              f"it was executed") from None
+                              f"plain-data PyTorch checkpoint ({error_line(err)}); nothing in it "
+                              f"was executed") from None
     except Exception as err:  # the unpickler fails in many ways on damaged bytes
         raise CheckpointError(f"cannot read {what} {path}: the file is corrupt or truncated "
-                              f"({_first_line(err)})") from None
+                              f"({error_line(err)})") from None
 
 
-def _first_line(err: BaseException) -> str:
-    """The exception's type and first sentence: enough to tell what went wrong in one line."""
+def error_line(err: BaseException) -> str:
+    """The exception's type and first sentence: enough to tell what went wrong in one line
+    (for this repository's one-line errors and warnings)."""
     text = str(err).strip()
     text = text.splitlines()[0].split(". ")[0] if text else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -343,13 +343,6 @@ def model_state_dict(checkpoint, path):
         raise UserError(str(err)) from None
 
 
-def _first_line(err):
-    """The exception's type and first sentence: enough to tell what went wrong in one line."""
-    text = str(err).strip()
-    text = text.splitlines()[0].split(". ")[0] if text else ""
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
 def check_shapes(model, state_dict, path, model_name, strict=True, hint=""):
     """Raise a one-line error naming the keys of ``state_dict`` that do not fit ``model``:
     wrong shapes always, missing or unexpected keys too when ``strict``. Returns the
@@ -413,7 +406,8 @@ class MlflowRun:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             self.mlflow = mlflow
         except Exception as err:  # tracking must never stop training
-            print(f"warning: MLflow tracking disabled: {_first_line(err)}", file=sys.stderr)
+            print(f"warning: MLflow tracking disabled: {models_mambar.error_line(err)}",
+                  file=sys.stderr)
 
     def log_metrics(self, metrics, step):
         if self.mlflow is None:
@@ -423,8 +417,8 @@ class MlflowRun:
         try:
             self.mlflow.log_metrics(numeric, step=step)
         except Exception as err:
-            print(f"warning: MLflow logging failed, tracking disabled: {_first_line(err)}",
-                  file=sys.stderr)
+            print(f"warning: MLflow logging failed, tracking disabled: "
+                  f"{models_mambar.error_line(err)}", file=sys.stderr)
             self.mlflow = None
 
     def end(self, status="FINISHED"):
