@@ -238,66 +238,19 @@ def test_reverse_is_flipped_forward():
     assert rel_err(rev, fwd) < 1e-6
 
 
-# Compiles every autotuning config of both kernels for an H100 (sm_90a) without a GPU, with
-# the argument specialisations a model's call gets (unit strides along time, 16-byte
-# alignment), and prints ptxas's register and spill figures as JSON lines. The interpreter
-# checks the kernels' numbers, not that they compile, nor whether they spill.
-COMPILE_FOR_H100 = r"""
-import json, os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import selective_scan_triton as sst
-
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-unit = {"s_u_l", "s_dt_l", "s_B_l", "s_C_l", "s_z_l", "s_do_l", "s_A_n"}
-bf16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
-        "ddelta_ptr", "dz_ptr"}
-flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_N=16)
-runs = [(tuner, config, reverse) for tuner in (sst._scan_fwd_kernel, sst._scan_bwd_kernel)
-        for config in tuner.configs for reverse in (False, True)]
-for tuner, config, reverse in runs:
-    jit = tuner.fn
-    consts = dict(flags, REVERSE=reverse, **config.kwargs)
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(jit.arg_names):
-        if name in consts or name in unit:
-            signature[name] = "constexpr"
-            constexprs[(i,)] = consts.get(name, 1)
-        elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in bf16 else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name == "E" or name.startswith("s_"):  # as for Mamba at 224 px
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config.num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        open(ptx, "w").write(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                              os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    print(json.dumps(dict(kernel=jit.__name__, config=str(config), reverse=reverse, **{
-        key: int(re.search(pattern, log).group(1)) for key, pattern in (
-            ("registers", r"Used (\d+) registers"),
-            ("spill_stores", r"(\d+) bytes spill stores"),
-            ("spill_loads", r"(\d+) bytes spill loads"))})))
-"""
-
-
+# scripts/kernel_stats.py compiles every autotuning config of both kernels for an H100
+# (sm_90a) without a GPU, with the specialisations a model's call gets, and reports ptxas's
+# register and spill figures. The interpreter checks the kernels' numbers, not that they
+# compile, nor whether they spill.
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
 def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("this triton build ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], capture_output=True,
-                          text=True, env=env, cwd=root, timeout=300)
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
+                           "--reverse", "both", "--json"],
+                          capture_output=True, text=True, cwd=root, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines()]
     assert {(r["kernel"], r["reverse"]) for r in reports} == {
@@ -307,6 +260,25 @@ def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
         # A few registers' worth of spills cost little (they stay in L1); chunks too long
         # for the registers spill hundreds of bytes per thread.
         assert report["spill_stores"] <= 64 and report["spill_loads"] <= 64, report
+        assert report["registers"] <= 255 and report["per_element"] > 0, report
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
+def test_kernel_stats_compiles_a_config_given_on_the_command_line():
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build ships no ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # 4 state lanes leave 8 channels per warp; 2 warps and 2 channels per thread make 32.
+    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
+                           "--kernel", "bwd", "--config", "4,2,8,2", "--json"],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (report["kernel"], report["BLOCK_E"], report["N_LANES"], report["BLOCK_L"],
+            report["num_warps"], report["reverse"]) == ("_scan_bwd_kernel", 32, 4, 8, 2, False)
+    # 8 tokens x 4 states x 2 channels per thread: the count is divided by 64.
+    assert report["per_element"] == round(report["instructions"] / 64, 1)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
