@@ -27,8 +27,9 @@ Design, and why:
   views (x/z slices of one xz tensor, B/C slices of a projection) are read in place.
 * Nothing but the inputs is kept for the backward (the chunk-boundary states, batch x E x
   (chunks-1) x N fp32, are 1.8x the bytes of a bf16 u at L=208, N=16: ~7 GB over a Mamba-B
-  training step at batch 128). The backward kernel first walks the chunks forwards,
-  writing each boundary state to a scratch buffer that lives for that kernel only, then
+  training step at batch 128). The backward kernel first computes delta (bias, softplus)
+  once per token and channel into an fp32 scratch, then walks the chunks forwards, writing
+  each boundary state to a second scratch; both live for that kernel only. Then it
   rebuilds each chunk's states from the one before it with one forward scan. It walks the
   chunks last-to-first and runs the adjoint recurrence g_s = dy_s C_s +
   exp(delta_{s+1} A) g_{s+1} as a forward scan over the chunk flipped in time: a flip of a
@@ -56,26 +57,28 @@ _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log
 
 
 def _configs(candidates):
-    """Autotuning candidates from (N_LANES, num_warps, BLOCK_L) triples.
+    """Autotuning candidates from (N_LANES, num_warps, BLOCK_L[, channels per thread]).
 
     The state tile is (BLOCK_L, N2, BLOCK_E, N1): N1 = N_LANES states on lanes, the rest of a
     warp's 32 lanes on channels, warps on channels too, and time and the other N2 states in
     each thread's registers, so the scans and the time reductions never leave a thread.
     Longer chunks mean fewer trips through the per-chunk overhead (layout changes, the
     cross-channel sums) but more registers per thread, hence fewer warps per SM to hide
-    latency: the GPU decides by timing them.
+    latency; two channels per thread halve the shuffles of the sums over channels (dB, dC)
+    for the same registers as twice the chunk length: the GPU decides by timing them.
     """
     if _INTERPRET:  # benchmarking configs under the interpreter would only cost time
         candidates = [(4, 1, 16)]
-    return [triton.Config({"BLOCK_E": (32 // lanes) * warps, "N_LANES": lanes,
-                           "BLOCK_L": block_l}, num_warps=warps)
-            for lanes, warps, block_l in candidates]
+    return [triton.Config({"BLOCK_E": (32 // lanes) * warps * (rest[0] if rest else 1),
+                           "N_LANES": lanes, "BLOCK_L": block_l}, num_warps=warps)
+            for lanes, warps, block_l, *rest in candidates]
 
 
 _FWD_CONFIGS = _configs([(4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 4, 32), (8, 2, 32),
                          (8, 4, 8)])
 # (The backward's 16-token chunks with 8 state lanes sit at the 255-register limit and spill.)
-_BWD_CONFIGS = _configs([(16, 4, 16), (16, 2, 16), (8, 4, 8), (8, 2, 8), (4, 4, 8)])
+_BWD_CONFIGS = _configs([(16, 4, 16), (16, 2, 16), (8, 4, 8), (8, 2, 8), (4, 4, 8),
+                         (4, 2, 4, 2)])
 
 
 @triton.jit
@@ -86,11 +89,17 @@ def _affine_combine(a1, b1, a2, b2):
 
 @triton.jit
 def _softplus(x):
-    # log1p(exp(x)) without log1p: log(1+e) * e / ((1+e) - 1) is accurate for tiny e.
-    e = tl.exp(x)
-    one_p = 1.0 + e
-    log1p = tl.where(one_p == 1.0, e, tl.log(one_p) * (e / (one_p - 1.0)))
-    return tl.where(x > 20.0, x, log1p)
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), the log1p as 2 atanh(s) with
+    s = e / (2 + e) <= 1/3: an odd series whose terms past s^13 are below fp32's rounding.
+    Fused multiply-adds and one division, where Triton's tl.log is a ~40-instruction library
+    call (and Triton 3.6 computes the softplus once per state lane, not once per channel)."""
+    e = tl.exp(-tl.abs(x))
+    s = e / (2.0 + e)
+    s2 = s * s
+    series = 1.0 / 13.0
+    for k in tl.static_range(11, 0, -2):
+        series = series * s2 + 1.0 / k
+    return tl.maximum(x, 0.0) + 2.0 * s * series
 
 
 @triton.jit
@@ -138,10 +147,16 @@ def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta after bias and softplus; 0 on masked positions, so exp(delta*A) = 1 there."""
     if HAS_BIAS:
         raw = raw + bias[None, :]
-    dt = raw
     if SOFTPLUS:
-        dt = _softplus(raw)
-    return tl.where(mask, dt, 0.0), raw
+        raw = _softplus(raw)
+    return tl.where(mask, raw, 0.0)
+
+
+@triton.jit
+def _softplus_grad(dt):
+    """softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)), from dt = softplus(x) itself; a
+    series where dt is small and 1 - exp(-dt) would cancel."""
+    return tl.where(dt < 0.015625, dt * (1.0 - dt * (0.5 - dt * (1.0 / 6.0))), 1.0 - tl.exp(-dt))
 
 
 @triton.jit
@@ -155,21 +170,16 @@ def _chunk_positions(c, L, e_mask, n_mask, BLOCK_L: tl.constexpr, REVERSE: tl.co
 
 
 @triton.jit
-def _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2, bias, h, first,
-                  s_u_l, s_u_e, s_dt_l, s_dt_e, s_B_l, s_B_n,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """The states of one chunk, (BLOCK_L, N2, BLOCK_E, N1), from the state ``h`` before it,
-    with the chunk's inputs for the callers to reuse. ``h`` is folded into the first input
-    term, so the scan tracks h alone, not also the products of the decays."""
-    u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
-    dt, dt_raw = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask,
-                        HAS_BIAS, SOFTPLUS)
-    Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
+def _chunk_states(u, dt, Bt, A2, h, first):
+    """The states of one chunk, (BLOCK_L, N2, BLOCK_E, N1), from its (time, channel) inputs u
+    and dt, its (time, N2, N1) B and the state ``h`` before it; also delta * B * u. ``h`` is
+    folded into the first input term, so the scan tracks h alone, not also the products of
+    the decays."""
     dA = tl.exp2(_te(dt) * A2[None])
     dBu = _te(dt * u) * _tn(Bt)
     _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None], dBu)), 0,
                                 _affine_combine)
-    return hs, u, dt, dt_raw, Bt, dBu
+    return hs, dBu
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])
@@ -211,9 +221,11 @@ def _scan_fwd_kernel(
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, tl.cdiv(L, BLOCK_L)):
         _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
-        hs, u, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
-                                          bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
-                                          s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
+        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
+        dt = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask, HAS_BIAS,
+                    SOFTPLUS)
+        hs, _ = _chunk_states(u, dt, _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h,
+                              first)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
         y = _sum_n(hs * _tn(_load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)))
         if HAS_D:
@@ -228,7 +240,7 @@ def _scan_fwd_kernel(
                  reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"])
 @triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr, dout_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dt_ptr, ckpt_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     E, N, L, s_ckpt_e,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
@@ -260,23 +272,33 @@ def _scan_bwd_kernel(
     C_base = C_ptr + b * s_C_b
     z_base = z_ptr + b * s_z_b
     do_base = dout_ptr + b * s_do_b
-    row_base = b * E * L + e[None, :] * L          # du, ddelta, dz: contiguous (batch, E, L)
+    row_base = b * E * L + e[None, :] * L          # dt, du, ddelta, dz: contiguous (batch, E, L)
     bnl_base = b * N * L + n[None, :, :] * L       # dB, dC: contiguous fp32 (batch, N, L)
     ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * s_ckpt_e + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
     last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
     n_chunks = tl.cdiv(L, BLOCK_L)
 
+    # Pass 0: delta after bias and softplus, once per (token, channel), into an fp32 scratch
+    # that passes 1 and 2 read. Computed inside their loops, where the state tile sets the
+    # layout, some Triton releases would redo it on every state lane.
+    for c in range(0, n_chunks):
+        _, t, mask, _ = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
+        tl.store(dt_ptr + row_base + t[:, None],
+                 _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask, HAS_BIAS,
+                        SOFTPLUS), mask=mask)
+    tl.debug_barrier()  # the next passes read what other threads of this program wrote
+
     # Pass 1: the state at the end of every chunk but the last, into this program's scratch.
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, n_chunks - 1):
         _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
-        hs, _, _, _, _, _ = _chunk_states(u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2,
-                                          bias, h, first, s_u_l, s_u_e, s_dt_l, s_dt_e,
-                                          s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
+        hs, _ = _chunk_states(_load_te(u_base, t, e, s_u_l, s_u_e, mask),
+                              tl.load(dt_ptr + row_base + t[:, None], mask=mask, other=0.0),
+                              _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h, first)
         h = tl.sum(tl.where(last, hs, 0.0), axis=0)
         tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
-    tl.debug_barrier()  # pass 2 reads states other threads of this program wrote
+    tl.debug_barrier()
 
     # Pass 2: chunks last to first, each one's states rebuilt from the state before it.
     dA_acc = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
@@ -294,11 +316,11 @@ def _scan_bwd_kernel(
             h0 = tl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask, other=0.0)
         else:
             h0 = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
-        hs, u, dt, dt_raw, Bt, dBu = _chunk_states(
-            u_base, dt_base, B_base, t, e, n, mask, nl_mask, A2, bias, h0, first,
-            s_u_l, s_u_e, s_dt_l, s_dt_e, s_B_l, s_B_n, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _delta(_load_te(dt_base, t_next, e, s_dt_l, s_dt_e, mask_next), bias,
-                            mask_next, HAS_BIAS, SOFTPLUS)
+        u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
+        dt = tl.load(dt_ptr + row_base + t[:, None], mask=mask, other=0.0)
+        Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
+        hs, dBu = _chunk_states(u, dt, Bt, A2, h0, first)
+        dt_next = tl.load(dt_ptr + row_base + t_next[:, None], mask=mask_next, other=0.0)
         Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
         dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
 
@@ -333,7 +355,7 @@ def _scan_bwd_kernel(
             du += D[None, :] * dy
             dD_acc += tl.sum(dy * u, axis=0)
         if SOFTPLUS:
-            ddt = ddt * _sigmoid(dt_raw)
+            ddt = ddt * _softplus_grad(dt)
         ddt = tl.where(mask, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
@@ -359,8 +381,8 @@ def _strides3(t):
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
-    """Keeps only its inputs for the backward, whose kernel first recomputes the state at each
-    chunk boundary into a scratch buffer that lives for that kernel only."""
+    """Keeps only its inputs for the backward, whose kernel first recomputes delta and the
+    state at each chunk boundary into scratch buffers that live for that kernel only."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -402,6 +424,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd_kernel.configs)
         ckpt = torch.empty((batch, E, max(triton.cdiv(L, min_block_l) - 1, 1), block_n),
                            dtype=f32, device=dev)
+        dt = torch.empty((batch, E, L), dtype=f32, device=dev)
         du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
         ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
         dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
@@ -413,7 +436,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
         _scan_bwd_kernel[grid](
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias, ckpt, dout,
+            u if delta_bias is None else delta_bias, dt, ckpt, dout,
             du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
             E, N, L, ckpt.stride(1),
             *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),

@@ -18,6 +18,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 if not HAS_CUDA:
     from triton.runtime.interpreter import InterpretedFunction
     # Triton reads TRITON_INTERPRET when it is first imported, and timm imports it (through
@@ -227,6 +228,32 @@ def test_mixer_through_the_triton_scan_matches_the_spec(monkeypatch):
     assert rel_err(got, want) < 1e-5
     for a, b in zip(got_grads, want_grads):
         assert rel_err(a, b) < 1e-4
+
+
+@triton.jit
+def _softplus_and_grad_kernel(x_ptr, sp_ptr, grad_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    sp = sst._softplus(x)
+    tl.store(sp_ptr + i, sp, mask=i < n)
+    tl.store(grad_ptr + i, sst._softplus_grad(sp), mask=i < n)
+
+
+def test_softplus_and_its_gradient_match_torch():
+    # Both sides of 0, tiny and huge magnitudes, torch's threshold of 20 and the switch
+    # between the gradient's series and 1 - exp(-dt) (dt = 1/64 near x = -4.15).
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([-100.0, -88.0, -1e-6, 0.0,
+                   1e-6, 19.99, 20.0, 20.01, 88.0, -4.1510, -4.1508])]).to(DEVICE)
+    sp, grad = torch.empty_like(x), torch.empty_like(x)
+    _softplus_and_grad_kernel[(1,)](x, sp, grad, x.numel(), BLOCK=4096)
+    ref_sp = torch.nn.functional.softplus(x.double())
+    ref_grad = torch.sigmoid(x.double())
+    # Relative error, but for results below fp32's normal range (GPUs flush them to 0).
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((sp.double() - ref_sp).abs() / ref_sp.clamp_min(tiny)).max() < 2e-6
+    # 1 - exp(-dt) is exact to fp32 rounding of 1, not of the (small) result.
+    assert (grad.double() - ref_grad).abs().max() < 5e-7
+    assert ((grad.double() - ref_grad).abs() / ref_grad.clamp_min(tiny)).max() < 5e-5
 
 
 def test_reverse_is_flipped_forward():
