@@ -171,6 +171,10 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
                   f"({s['basis']}), by kernel name: {s.get('share_by_kernel_name')}")
 EOF
     echo
+    echo "== Triton autotuning: each kernel, key (E, N, L, dtypes), tuning time, chosen config"
+    grep -h -A3 "Triton autotuning for function" "$TESTS_LOG" "$BENCH_TXT" "$TRAIN_LOG" \
+        | grep -v "^--$" | paste - - - - | sort | uniq -c | head -40
+    echo
     echo "== main.py throughput lines"
     grep -iE 'img/s|images/s|samples/s|it/s' "$TRAIN_LOG" | tail -5
     grep -E 'Error|error:' "$TRAIN_LOG" | tail -3
