@@ -77,9 +77,11 @@ def _configs(candidates):
 _FWD_CONFIGS = _configs([(4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 4, 32), (8, 2, 32),
                          (8, 4, 8)])
 # The backward keeps more tiles live: shorter chunks. (With 16 state lanes it issued more
-# instructions for more registers than (8, 4, 8); 16-token chunks with 8 lanes spill.)
-_BWD_CONFIGS = _configs([(8, 4, 8), (8, 2, 8), (4, 4, 8), (4, 2, 4, 2), (4, 1, 4, 2),
-                         (4, 1, 2, 2)])
+# instructions for more registers than (8, 4, 8); 16-token chunks with 8 lanes spill.) Its
+# scratch holds a state per channel at every chunk boundary of the shortest chunks listed:
+# 4 tokens make that 0.64 GB for one Mamba-B scan at batch 128, 2 would double it and the
+# traffic of writing and reading it.
+_BWD_CONFIGS = _configs([(8, 4, 8), (8, 2, 8), (4, 4, 8), (4, 2, 4, 2), (4, 1, 4, 2)])
 
 
 @triton.jit
