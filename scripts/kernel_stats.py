@@ -5,12 +5,14 @@ counts per state element.
     python scripts/kernel_stats.py                 # every candidate, both kernels
     python scripts/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
 
-Uses the ptxas and cuobjdump that ship inside the Triton wheel (sm_90a), with the
-specialisations a 224 px Mamba® call gets: unit strides along time, 16-divisible sizes and
-strides, bf16 activations, every optional input present. "per element" is the kernel's
-static instruction count divided by the state elements one thread handles per chunk
-(BLOCK_L x states per thread x channels per thread): the two loops dominate the kernel, so
-it approximates the instructions issued per state element and token. A kernel that is
+Uses the ptxas and cuobjdump that ship inside the Triton wheel (sm_90a). Each kernel is
+specialised as Triton specialises it at run time for the call Mamba®-Base makes at 224 px
+(E 1536, N 16, L 208, batch 128, bf16, strides as the model's views have them): integer
+arguments equal to 1 become constants, those divisible by 16 are marked so, and pointers
+are 16-byte aligned. "per element" is the kernel's static instruction count (alignment NOPs
+left out) divided by the state elements one thread handles per chunk (BLOCK_L x states per
+thread x channels per thread): the per-chunk loop bodies dominate the kernel, so it
+approximates the instructions issued per state element and token. A kernel that is
 issue-bound runs in roughly (per element) x batch x E x N x L / (32 x warp issue rate).
 """
 from __future__ import annotations
@@ -34,21 +36,58 @@ from triton.compiler import ASTSource  # noqa: E402
 import selective_scan_triton as sst  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-UNIT_STRIDES = {"s_u_l", "s_dt_l", "s_B_l", "s_C_l", "s_z_l", "s_do_l", "s_A_n"}
+E, N, L, R = 1536, 16, 208, 48  # Mamba-B: channels, states, tokens at 224 px, dt rank
+
+
+def _model_call() -> dict:
+    """The integer arguments of both kernels in the model's call, by name (strides in
+    elements): u, delta and the gradients are (B, E, L) contiguous; B and C are row slices
+    of the (B, R + 2N, L) projection; z and dout are channel-minor views of (B, L, 2E) and
+    (B, L, E) tensors; A is (E, N)."""
+    return dict(E=E, N=N, L=L,
+                s_u_b=E * L, s_u_e=L, s_u_l=1, s_dt_b=E * L, s_dt_e=L, s_dt_l=1,
+                s_A_e=N, s_A_n=1, s_B_b=(R + 2 * N) * L, s_B_n=L, s_B_l=1,
+                s_C_b=(R + 2 * N) * L, s_C_n=L, s_C_l=1, s_z_b=L * 2 * E, s_z_e=1, s_z_l=2 * E,
+                s_do_b=L * E, s_do_e=1, s_do_l=E)
+
+
+FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
+             BLOCK_N=triton.next_power_of_2(N))
 BF16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
         "ddelta_ptr", "dz_ptr"}
-FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_N=16)
 KERNELS = {"fwd": sst._scan_fwd_kernel, "bwd": sst._scan_bwd_kernel}
 SHOWN_OPS = ("MUFU", "SHFL", "BAR", "LDS", "STS")
+
+
+class StatsError(Exception):
+    """A tool is missing or printed something this script cannot read."""
+
+
+def _run(cmd: list) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StatsError(f"{os.path.basename(cmd[0])} failed: {done.stderr.strip()[-2000:]}")
+    return done
+
+
+def _number(pattern: str, text: str, what: str) -> int:
+    found = re.search(pattern, text)
+    if found is None:
+        raise StatsError(f"no {what} in ptxas's report ({pattern!r} not found)")
+    return int(found.group(1))
 
 
 def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
     """Registers, spills and SASS opcode counts of one kernel for one config."""
     jit = tuner.fn
     consts = dict(FLAGS, REVERSE=reverse, **config.kwargs)
+    # The backward's scratch holds the chunk boundaries of the shortest candidate.
+    min_block_l = min(c.kwargs["BLOCK_L"] for c in sst._scan_bwd_kernel.configs)
+    ints = dict(_model_call(),
+                s_ckpt_e=(triton.cdiv(L, min_block_l) - 1) * FLAGS["BLOCK_N"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit.arg_names):
-        if name in consts or name in UNIT_STRIDES:
+        if name in consts or ints.get(name) == 1:
             signature[name] = "constexpr"
             constexprs[(i,)] = consts.get(name, 1)
         elif name.endswith("_ptr"):
@@ -56,7 +95,7 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name == "E" or name.startswith("s_"):
+            if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32),
@@ -65,30 +104,42 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        log = subprocess.run([os.path.join(TOOLS, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx,
-                              "-o", cubin], capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin],
-                              capture_output=True, text=True, check=True).stdout
+        log = _run([os.path.join(TOOLS, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx,
+                    "-o", cubin]).stderr
+        sass = _run([os.path.join(TOOLS, "cuobjdump"), "-sass", cubin]).stdout
     ops = collections.Counter(
         m.group(1).split(".")[0] for m in
         re.finditer(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M))
-    kw, warps = config.kwargs, config.num_warps
-    channels_per_thread = kw["BLOCK_E"] / (32 // kw["N_LANES"] * warps)
-    elements = kw["BLOCK_L"] * (16 / kw["N_LANES"]) * channels_per_thread
+    ops.pop("NOP", None)
     instructions = sum(ops.values())
-    return dict(kernel=jit.__name__, BLOCK_E=kw["BLOCK_E"], N_LANES=kw["N_LANES"],
-                BLOCK_L=kw["BLOCK_L"], num_warps=warps, reverse=reverse,
-                registers=int(re.search(r"Used (\d+) registers", log).group(1)),
-                spill_stores=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
-                spill_loads=int(re.search(r"(\d+) bytes spill loads", log).group(1)),
+    if instructions == 0:
+        raise StatsError("no instructions found in cuobjdump's listing")
+    kw, warps = config.kwargs, config.num_warps
+    lanes = min(kw["N_LANES"], FLAGS["BLOCK_N"])
+    channels_per_thread = kw["BLOCK_E"] / (32 // lanes * warps)
+    elements = kw["BLOCK_L"] * (FLAGS["BLOCK_N"] / lanes) * channels_per_thread
+    return dict(kernel=jit.__name__, N_LANES=kw["N_LANES"], num_warps=warps,
+                BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
+                BLOCK_E=kw["BLOCK_E"], reverse=reverse,
+                registers=_number(r"Used (\d+) registers", log, "register count"),
+                spill_stores=_number(r"(\d+) bytes spill stores", log, "spill stores"),
+                spill_loads=_number(r"(\d+) bytes spill loads", log, "spill loads"),
                 instructions=instructions, per_element=round(instructions / elements, 1),
                 ops={op: ops[op] for op in SHOWN_OPS})
 
 
 def parse_config(text: str) -> triton.Config:
     """'lanes,warps,block_l[,channels per thread]' -> a config like the autotuner's."""
-    lanes, warps, block_l, *rest = (int(v) for v in text.split(","))
+    try:
+        lanes, warps, block_l, *rest = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 3 or 4 integers") from None
     per_thread = rest[0] if rest else 1
+    powers = {1, 2, 4, 8, 16, 32}
+    if len(rest) > 1 or not {lanes, warps, block_l, per_thread} <= powers:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: lanes, warps, BLOCK_L and channels per thread must be powers of two "
+            f"up to 32")
     return triton.Config({"BLOCK_E": (32 // lanes) * warps * per_thread, "N_LANES": lanes,
                           "BLOCK_L": block_l}, num_warps=warps)
 
@@ -103,25 +154,34 @@ def main() -> int:
                         help="scan direction(s) to compile (default: forward only)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
-    if not os.path.exists(os.path.join(TOOLS, "ptxas")):
-        print(f"error: this Triton build ships no ptxas ({TOOLS})", file=sys.stderr)
+    missing = [tool for tool in ("ptxas", "cuobjdump")
+               if not os.path.exists(os.path.join(TOOLS, tool))]
+    if missing:
+        print(f"error: this Triton build ships no {' or '.join(missing)} ({TOOLS})",
+              file=sys.stderr)
         return 2
     names = ("fwd", "bwd") if args.kernel == "both" else (args.kernel,)
     directions = {"no": (False,), "yes": (True,), "both": (False, True)}[args.reverse]
     if not args.json:
-        print(f"Triton {triton.__version__}, sm_90a; config = BLOCK_E, N_LANES, BLOCK_L, warps")
-        print(f"{'kernel':<7}{'config':<16}{'rev':<5}{'regs':>5}{'spill':>10}{'instr':>7}"
+        print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px; "
+              f"config = state lanes, warps, BLOCK_L, channels per thread (as --config takes)")
+        print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'instr':>7}"
               f"{'/elem':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
     for name in names:
         tuner = KERNELS[name]
         for config in args.config or tuner.configs:
             for reverse in directions:
-                s = compile_stats(tuner, config, reverse)
+                try:
+                    s = compile_stats(tuner, config, reverse)
+                except StatsError as err:
+                    print(f"error: {name} {config}: {err}", file=sys.stderr)
+                    return 1
                 if args.json:
                     print(json.dumps(s), flush=True)
                     continue
-                cfg = f"{s['BLOCK_E']},{s['N_LANES']},{s['BLOCK_L']},{s['num_warps']}"
-                print(f"{name:<7}{cfg:<16}{'yes' if reverse else 'no':<5}{s['registers']:>5}"
+                cfg = (f"{s['N_LANES']},{s['num_warps']},{s['BLOCK_L']},"
+                       f"{s['channels_per_thread']:g}")
+                print(f"{name:<7}{cfg:<12}{'yes' if reverse else 'no':<5}{s['registers']:>5}"
                       f"{s['spill_stores']:>5}/{s['spill_loads']:<4}{s['instructions']:>7}"
                       f"{s['per_element']:>7}  "
                       + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)

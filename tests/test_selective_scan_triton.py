@@ -150,9 +150,10 @@ def test_fp32_matches_oracle(batch, E, N, L, reverse):
                   reverse=reverse)
 
 
-@pytest.mark.parametrize("block_l", [8, 32])
+@pytest.mark.parametrize("block_l", [4, 8, 32])
 def test_other_chunk_lengths(monkeypatch, block_l):
-    """On a GPU the autotuner also picks 8- and 32-token chunks (the CPU config uses 16)."""
+    """On a GPU the autotuner also picks 4-, 8- and 32-token chunks (the CPU config uses
+    16)."""
     for tuner in (sst._scan_fwd_kernel, sst._scan_bwd_kernel):
         monkeypatch.setattr(tuner, "configs", [triton.Config(
             {"BLOCK_E": 8, "N_LANES": 4, "BLOCK_L": block_l}, num_warps=1)])
@@ -241,19 +242,24 @@ def _softplus_and_grad_kernel(x_ptr, sp_ptr, grad_ptr, n, BLOCK: tl.constexpr):
 
 def test_softplus_and_its_gradient_match_torch():
     # Both sides of 0, tiny and huge magnitudes, torch's threshold of 20 and the switch
-    # between the gradient's series and 1 - exp(-dt) (dt = 1/64 near x = -4.15).
+    # between the gradient's series and 1 - exp(-dt) (dt = 1/8 at x = -2.0163).
     x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([-100.0, -88.0, -1e-6, 0.0,
-                   1e-6, 19.99, 20.0, 20.01, 88.0, -4.1510, -4.1508])]).to(DEVICE)
+                   1e-6, 19.99, 20.0, 20.01, 88.0, -2.0164, -2.0162])]).to(DEVICE)
     sp, grad = torch.empty_like(x), torch.empty_like(x)
     _softplus_and_grad_kernel[(1,)](x, sp, grad, x.numel(), BLOCK=4096)
     ref_sp = torch.nn.functional.softplus(x.double())
     ref_grad = torch.sigmoid(x.double())
-    # Relative error, but for results below fp32's normal range (GPUs flush them to 0).
+    # Relative error, floored at fp32's smallest normal number: below it (x < -87) results
+    # carry few significant bits. A GPU's exp also rounds its argument x log2(e), whence the
+    # allowance growing with |x|.
     tiny = torch.finfo(torch.float32).tiny
-    assert ((sp.double() - ref_sp).abs() / ref_sp.clamp_min(tiny)).max() < 2e-6
-    # 1 - exp(-dt) is exact to fp32 rounding of 1, not of the (small) result.
-    assert (grad.double() - ref_grad).abs().max() < 5e-7
-    assert ((grad.double() - ref_grad).abs() / ref_grad.clamp_min(tiny)).max() < 5e-5
+    allowed = 5e-7 + 6e-8 * x.double().abs()
+    assert (((sp.double() - ref_sp).abs() / ref_sp.clamp_min(tiny)) < allowed).all()
+    # 1 - exp(-dt) is exact to the rounding of 1 (6e-8) and used from dt = 1/8 up only; a
+    # GPU's exp is a few ulp off where the interpreter's is rounded correctly.
+    assert (grad.double() - ref_grad).abs().max() < 3e-7
+    assert ((grad.double() - ref_grad).abs() / ref_grad.clamp_min(tiny)).max() < (
+        3e-6 if HAS_CUDA else 1e-6)
 
 
 def test_reverse_is_flipped_forward():
@@ -287,7 +293,7 @@ def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
         # A few registers' worth of spills cost little (they stay in L1); chunks too long
         # for the registers spill hundreds of bytes per thread.
         assert report["spill_stores"] <= 64 and report["spill_loads"] <= 64, report
-        assert report["registers"] <= 255 and report["per_element"] > 0, report
+        assert report["instructions"] > 300 and report["ops"]["MUFU"] > 0, report
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
@@ -303,9 +309,16 @@ def test_kernel_stats_compiles_a_config_given_on_the_command_line():
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert (report["kernel"], report["BLOCK_E"], report["N_LANES"], report["BLOCK_L"],
-            report["num_warps"], report["reverse"]) == ("_scan_bwd_kernel", 32, 4, 8, 2, False)
+            report["num_warps"], report["channels_per_thread"], report["reverse"]) == (
+        "_scan_bwd_kernel", 32, 4, 8, 2, 2, False)
+    # The backward sums over states and channels with warp shuffles.
+    assert report["instructions"] > 500 and report["ops"]["SHFL"] > 0, report
     # 8 tokens x 4 states x 2 channels per thread: the count is divided by 64.
     assert report["per_element"] == round(report["instructions"] / 64, 1)
+    bad = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
+                          "--config", "3,2,8"], capture_output=True, text=True, cwd=root,
+                         timeout=300)
+    assert bad.returncode == 2 and "powers of two" in bad.stderr.splitlines()[-1], bad.stderr
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -326,6 +339,20 @@ class TestGPU:
         check_against(selective_scan_triton, selective_scan_torch, *self.SHAPE,
                       dtype=torch.bfloat16, tol=1e-2, oracle_fp32=False, reverse=reverse,
                       strided=True, device="cuda")
+
+    @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+    def test_every_autotuning_candidate(self, monkeypatch, kernel):
+        # The autotuner runs only the config it picks; the layouts, the cross-warp sums and
+        # the backward's barriers differ between candidates, and the interpreter runs none
+        # of them.
+        tuner = {"fwd": sst._scan_fwd_kernel, "bwd": sst._scan_bwd_kernel}[kernel]
+        for config in list(tuner.configs):
+            monkeypatch.setattr(tuner, "configs", [config])
+            monkeypatch.setattr(tuner, "cache", {})
+            for reverse in (False, True):
+                check_against(selective_scan_triton, selective_scan_torch, 2, 384, 16, 208,
+                              dtype=torch.bfloat16, tol=1e-2, oracle_fp32=False,
+                              reverse=reverse, strided=True, device="cuda")
 
     def test_long_sequence(self):
         # 384 px: 588 tokens, many chunks.
