@@ -460,6 +460,18 @@ def _max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def triton_autotune_choices() -> Dict[str, str]:
+    """The config Triton's autotuner chose for each scan kernel and key (E, N, L and the
+    argument dtypes) in this process so far, including choices read from its disk cache,
+    which it does not print; empty when the Triton scan never ran."""
+    module = sys.modules.get("selective_scan_triton")
+    if module is None:
+        return {}
+    return {f"{name} {key}": str(config)
+            for name in ("_scan_fwd_kernel", "_scan_bwd_kernel")
+            for key, config in getattr(getattr(module, name), "cache", {}).items()}
+
+
 def _base_row(cfg: Config) -> Dict[str, Any]:
     return {**dataclasses.asdict(cfg), "family": "mamba" if is_mamba(cfg.model) else "deit"}
 
@@ -509,6 +521,8 @@ def measure(cfg: Config) -> Dict[str, Any]:
                 row["workload_mb"] = row["peak_mem_mb"] - row["rss_base_mb"]
         if cfg.scan_share and cfg.mode == "train" and isinstance(model, VisionMambaBackbone):
             row["scan_profile"] = measure_scan_share(step, device, cfg.profile_steps)
+    if row.get("backend_resolved") == "triton":
+        row["triton_configs"] = triton_autotune_choices()
     flops = model_flops(model)
     median = statistics.median(times)
     row.update(step_s=median, step_s_all=times, first_step_s=first,

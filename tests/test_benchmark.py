@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import timm
@@ -235,3 +236,17 @@ def test_mambapy_scan_matches_the_oracle(reverse):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_autotune_choices_name_each_kernel_and_key(monkeypatch):
+    # What the JSON rows of the Triton backend carry, read from the autotuners' caches (the
+    # interpreter runs one config and tunes nothing, so stand-ins play the kernels here).
+    fake = types.SimpleNamespace(
+        _scan_fwd_kernel=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "A"}),
+        _scan_bwd_kernel=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "B"}))
+    monkeypatch.setitem(sys.modules, "selective_scan_triton", fake)
+    assert benchmark.triton_autotune_choices() == {
+        "_scan_fwd_kernel (384, 16, 208, 'torch.bfloat16')": "A",
+        "_scan_bwd_kernel (384, 16, 208, 'torch.bfloat16')": "B"}
+    monkeypatch.delitem(sys.modules, "selective_scan_triton")
+    assert benchmark.triton_autotune_choices() == {}
