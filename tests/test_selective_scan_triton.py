@@ -271,19 +271,23 @@ def test_reverse_is_flipped_forward():
     assert rel_err(rev, fwd) < 1e-6
 
 
+def run_kernel_stats(*args):
+    """scripts/kernel_stats.py with ``args``; skips where Triton ships no ptxas."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton build ships no ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
+                           *args], capture_output=True, text=True, cwd=root, timeout=300)
+
+
 # scripts/kernel_stats.py compiles every autotuning config of both kernels for an H100
 # (sm_90a) without a GPU, with the specialisations a model's call gets, and reports ptxas's
 # register and spill figures. The interpreter checks the kernels' numbers, not that they
 # compile, nor whether they spill.
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
 def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton build ships no ptxas")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
-                           "--reverse", "both", "--json"],
-                          capture_output=True, text=True, cwd=root, timeout=300)
+    done = run_kernel_stats("--reverse", "both", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(line) for line in done.stdout.splitlines()]
     assert {(r["kernel"], r["reverse"]) for r in reports} == {
@@ -298,14 +302,8 @@ def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
 def test_kernel_stats_compiles_a_config_given_on_the_command_line():
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton build ships no ptxas")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # 4 state lanes leave 8 channels per warp; 2 warps and 2 channels per thread make 32.
-    done = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
-                           "--kernel", "bwd", "--config", "4,2,8,2", "--json"],
-                          capture_output=True, text=True, cwd=root, timeout=300)
+    done = run_kernel_stats("--kernel", "bwd", "--config", "4,2,8,2", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     (report,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert (report["kernel"], report["BLOCK_E"], report["N_LANES"], report["BLOCK_L"],
@@ -315,9 +313,7 @@ def test_kernel_stats_compiles_a_config_given_on_the_command_line():
     assert report["instructions"] > 500 and report["ops"]["SHFL"] > 0, report
     # 8 tokens x 4 states x 2 channels per thread: the count is divided by 64.
     assert report["per_element"] == round(report["instructions"] / 64, 1)
-    bad = subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
-                          "--config", "3,2,8"], capture_output=True, text=True, cwd=root,
-                         timeout=300)
+    bad = run_kernel_stats("--config", "3,2,8")
     assert bad.returncode == 2 and "powers of two" in bad.stderr.splitlines()[-1], bad.stderr
 
 
