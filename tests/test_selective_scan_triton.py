@@ -40,9 +40,10 @@ def make_inputs(batch, E, N, L, dtype=torch.float32, has_D=True, has_z=True, has
                 strided=False, seed=0, device=DEVICE):
     """Leaf tensors (the ones gradients are taken of) and the scan arguments made from them.
 
-    With ``strided`` the arguments are views laid out as in the model: u and z are channel
-    slices of one (batch, 2E, L) tensor, delta is time-major, B and C are slices of one
-    projection output, A is a transposed view.
+    With ``strided`` the arguments are non-contiguous views: u and z are channel slices of
+    one channel-minor (batch, 2E, L) view of a (batch, L, 2E) tensor, as the model's z is;
+    delta is channel-minor too; B and C are row slices of one projection output, as in the
+    model; A is a transposed view.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -54,11 +55,11 @@ def make_inputs(batch, E, N, L, dtype=torch.float32, has_D=True, has_z=True, has
     A = A.to(device)
     leaves, args = {}, {}
     if strided:
-        xz = rand(batch, 2 * E, L).to(dtype)
+        xz_t = rand(batch, L, 2 * E).to(dtype)
         delta_t = rand(batch, L, E, scale=0.5, shift=-1.0).to(dtype)
         proj = rand(batch, 3 + 2 * N, L).to(dtype)
         A_t = A.t().contiguous()
-        leaves.update(xz=xz, delta_t=delta_t, proj=proj, A_t=A_t)
+        leaves.update(xz_t=xz_t, delta_t=delta_t, proj=proj, A_t=A_t)
     else:
         leaves.update(u=rand(batch, E, L).to(dtype), delta=rand(batch, E, L, scale=0.5,
                       shift=-1.0).to(dtype), A=A, B=rand(batch, N, L).to(dtype),
@@ -72,9 +73,7 @@ def make_inputs(batch, E, N, L, dtype=torch.float32, has_D=True, has_z=True, has
     for t in leaves.values():
         t.requires_grad_(True)
     if strided:
-        xz, proj = leaves["xz"], leaves["proj"]
-        args.update(u=xz[:, :E], delta=leaves["delta_t"].transpose(1, 2), A=leaves["A_t"].t(),
-                    B=proj[:, 3:3 + N], C=proj[:, 3 + N:], z=xz[:, E:] if has_z else None)
+        args.update(rebuild(leaves, {"z": has_z or None}, E, N))
         assert not args["u"].is_contiguous() and not args["B"].is_contiguous()
     else:
         args.update({k: leaves.get(k) for k in ("u", "delta", "A", "B", "C", "z")})
@@ -90,10 +89,10 @@ def upcast(leaves):
 
 def rebuild(leaves, like_args, E, N):
     """The argument views of ``like_args`` rebuilt on other leaves (e.g. upcast ones)."""
-    if "xz" not in leaves:
+    if "xz_t" not in leaves:
         return {k: (leaves.get(k) if like_args.get(k) is not None else None)
                 for k in NAMES}
-    xz, proj = leaves["xz"], leaves["proj"]
+    xz, proj = leaves["xz_t"].transpose(1, 2), leaves["proj"]
     return dict(u=xz[:, :E], delta=leaves["delta_t"].transpose(1, 2), A=leaves["A_t"].t(),
                 B=proj[:, 3:3 + N], C=proj[:, 3 + N:],
                 z=xz[:, E:] if like_args["z"] is not None else None,
@@ -123,6 +122,8 @@ def check_against(scan_a, scan_b, batch, E, N, L, dtype=torch.float32, tol=1e-4,
     ref_args = rebuild(ref_leaves, args, E, N)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(batch, E, L, generator=g).to(device=device, dtype=dtype)
+    if opts.get("strided"):  # channel-minor, as the model's gradient arrives
+        dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
 
     out, grads = run_and_grad(scan_a, leaves, args, dout, **kw)
     ref_out, ref_grads = run_and_grad(scan_b, ref_leaves, ref_args,
