@@ -386,6 +386,13 @@ def _strides3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
+def _boundary_slots(L: int) -> int:
+    """States per channel the backward's scratch holds: the chunk boundaries of the shortest
+    chunks the autotuner may pick (at least one, so the buffer is never empty)."""
+    min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd_kernel.configs)
+    return max(triton.cdiv(L, min_block_l) - 1, 1)
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     """Keeps only its inputs for the backward, whose kernel first recomputes delta and the
     state at each chunk boundary into scratch buffers that live for that kernel only."""
@@ -426,10 +433,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
         N = A.shape[1]
         block_n = triton.next_power_of_2(N)
         dev, f32 = u.device, torch.float32
-        # Room for the chunk boundaries of the shortest chunks the autotuner may pick.
-        min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd_kernel.configs)
-        ckpt = torch.empty((batch, E, max(triton.cdiv(L, min_block_l) - 1, 1), block_n),
-                           dtype=f32, device=dev)
+        ckpt = torch.empty((batch, E, _boundary_slots(L), block_n), dtype=f32, device=dev)
         dt = torch.empty((batch, E, L), dtype=f32, device=dev)
         du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
         ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)

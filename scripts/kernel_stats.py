@@ -81,10 +81,7 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
     """Registers, spills and SASS opcode counts of one kernel for one config."""
     jit = tuner.fn
     consts = dict(FLAGS, REVERSE=reverse, **config.kwargs)
-    # The backward's scratch holds the chunk boundaries of the shortest candidate.
-    min_block_l = min(c.kwargs["BLOCK_L"] for c in sst._scan_bwd_kernel.configs)
-    ints = dict(_model_call(),
-                s_ckpt_e=(triton.cdiv(L, min_block_l) - 1) * FLAGS["BLOCK_N"])
+    ints = dict(_model_call(), s_ckpt_e=sst._boundary_slots(L) * FLAGS["BLOCK_N"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in consts or ints.get(name) == 1:
@@ -140,8 +137,7 @@ def parse_config(text: str) -> triton.Config:
         raise argparse.ArgumentTypeError(
             f"{text!r}: lanes, warps, BLOCK_L and channels per thread must be powers of two "
             f"up to 32")
-    return triton.Config({"BLOCK_E": (32 // lanes) * warps * per_thread, "N_LANES": lanes,
-                          "BLOCK_L": block_l}, num_warps=warps)
+    return sst._configs([(lanes, warps, block_l, per_thread)])[0]
 
 
 def main() -> int:
