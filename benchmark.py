@@ -14,8 +14,9 @@ heuristics, allocator growth) is reported on its own as ``first_step_s``.
 
 Peak memory:
 
-* CUDA: ``torch.cuda.max_memory_allocated`` after a reset taken once the model and the batch
-  are on the GPU, so it includes weights, gradients, optimizer state and activations.
+* CUDA: ``torch.cuda.max_memory_allocated`` over the timed steps (the counter restarts after
+  the warm-up, whose first step may hold Triton's autotuning buffers), so it includes
+  weights, gradients, optimizer state and activations.
   Configurations run one after another in this process (caches emptied in between).
 * CPU: every configuration runs in a fresh subprocess so that RSS peaks do not mix. The child
   reports its own ``ru_maxrss`` as ``peak_mem_mb`` (the whole process: interpreter, libraries,
@@ -76,7 +77,7 @@ import torch.nn.functional as F
 
 import models_mambar  # registers the mambar_* models with timm; routed_scan patches it
 import models_vim  # noqa: F401  (registers the vim_* baselines)
-from models_mambar import MambaR, VisionMambaBackbone
+from models_mambar import RECOMPUTE_RANGE, MambaR, VisionMambaBackbone
 from selective_scan import requested_backend, resolve_backend
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -361,10 +362,17 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.device
                ) -> Tuple[float, List[float]]:
-    """Seconds of the first step and of each of the ``iters`` steps after ``warmup``."""
+    """Seconds of the first step and of each of the ``iters`` steps after ``warmup``.
+
+    On CUDA the peak-memory counter restarts after the warm-up, so the peak is that of the
+    timed steps: the first steps of a shape may hold one-off buffers (Triton's autotuner
+    allocates 256 MiB through torch's allocator to flush the L2 between its trials).
+    """
     times = []
-    for _ in range(warmup + iters):
+    for i in range(warmup + iters):
         _sync(device)
+        if i == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         step()
         _sync(device)
@@ -386,7 +394,9 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
     """Share of a training step spent in the selective scan, from ``torch.profiler``.
 
     Each scan call runs inside a ``record_function`` range (the forward) and its autograd node
-    (``...SelectiveScan...Backward``, the backward); the outermost such events are summed.
+    (``...SelectiveScan...Backward``, the backward); the outermost such events are summed,
+    less the recomputation of u and delta that the scan's backward node triggers (the model's
+    ``RECOMPUTE_RANGE``, reported as ``recompute_ms``).
     On CUDA the share is their kernels' time over all kernels' time (``share``) and over the
     step's wall time (``share_of_step``); ``share_by_kernel_name`` cross-checks with kernels
     whose name contains "scan" (Triton's and mamba-ssm's; the torch backend's kernels are
@@ -415,15 +425,18 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
         raise RuntimeError("the model never called get_scan; scan share cannot be attributed")
     events = prof.events()
     cpu = torch.autograd.DeviceType.CPU
-    outermost = []
+    outermost, redone = [], []
     for evt in events:
         # record_function also leaves a GPU-side annotation of the same name: skip it here.
-        if evt.device_type != cpu or not _is_scan_event(evt.name):
+        if evt.device_type != cpu or not (_is_scan_event(evt.name) or evt.name == RECOMPUTE_RANGE):
             continue
         parent = evt.cpu_parent
         while parent is not None and not _is_scan_event(parent.name):
             parent = parent.cpu_parent
-        if parent is None:
+        if evt.name == RECOMPUTE_RANGE:
+            if parent is not None:
+                redone.append(evt)
+        elif parent is None:
             outermost.append(evt)
     result: Dict[str, Any] = {"steps": steps, "step_ms": wall_us / steps / 1e3}
     if device.type == "cuda":
@@ -431,17 +444,19 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
         kernels = [e for e in events
                    if e.device_type != cpu and not getattr(e, "is_user_annotation", False)]
         kernel_us = sum(e.time_range.elapsed_us() for e in kernels)
-        scan_us = sum(e.device_time_total for e in outermost)
+        redo_us = sum(e.device_time_total for e in redone)
+        scan_us = sum(e.device_time_total for e in outermost) - redo_us
         named_us = sum(e.time_range.elapsed_us() for e in kernels if "scan" in e.name.lower())
         result.update(basis="cuda kernel time", scan_ms=scan_us / steps / 1e3,
-                      kernel_ms=kernel_us / steps / 1e3,
+                      recompute_ms=redo_us / steps / 1e3, kernel_ms=kernel_us / steps / 1e3,
                       share=scan_us / kernel_us if kernel_us else None,
                       share_of_step=scan_us / wall_us,
                       share_by_kernel_name=named_us / kernel_us if kernel_us else None)
     else:
-        scan_us = sum(e.cpu_time_total for e in outermost)
+        redo_us = sum(e.cpu_time_total for e in redone)
+        scan_us = sum(e.cpu_time_total for e in outermost) - redo_us
         result.update(basis="cpu wall time", scan_ms=scan_us / steps / 1e3,
-                      share=scan_us / wall_us)
+                      recompute_ms=redo_us / steps / 1e3, share=scan_us / wall_us)
     return result
 
 
@@ -501,9 +516,6 @@ def measure(cfg: Config) -> Dict[str, Any]:
         row["backend_resolved"] = ATTENTION_BACKEND
     row["params"] = sum(p.numel() for p in model.parameters())
     row["rss_base_mb"] = _rss_mb()
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
     with contextlib.ExitStack() as stack:
         if cfg.backend == "mambapy":
             calls = stack.enter_context(routed_scan(lambda _b, _s: selective_scan_mambapy))
@@ -513,7 +525,7 @@ def measure(cfg: Config) -> Dict[str, Any]:
                                "routes its scans through get_scan")
         if device.type == "cuda":
             row["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            row["peak_mem_basis"] = "torch.cuda.max_memory_allocated"
+            row["peak_mem_basis"] = "torch.cuda.max_memory_allocated over the timed steps"
         else:
             row["peak_mem_mb"] = _max_rss_mb()
             row["peak_mem_basis"] = "ru_maxrss of the measuring process"
@@ -846,10 +858,11 @@ def report(meta: Dict[str, Any], rows: Sequence[Dict[str, Any]],
     shares = [r for r in _ok(rows) if r.get("scan_profile")]
     if shares:
         parts += ["", "Share of the training step in the selective scan", _table(
-            ["model", "px", "batch", "dtype", "backend", "basis", "scan ms/step", "share",
-             "of wall", "by kernel name"],
+            ["model", "px", "batch", "dtype", "backend", "basis", "scan ms/step",
+             "u, delta redone ms", "share", "of wall", "by kernel name"],
             [[_short(r["model"]), r["img_size"], r["batch"], r["dtype"], r["backend_resolved"],
-              s["basis"], _fmt(s["scan_ms"], 2), _pct(s["share"]),
+              s["basis"], _fmt(s["scan_ms"], 2), _fmt(s.get("recompute_ms"), 2),
+              _pct(s["share"]),
               _pct(s.get("share_of_step", s["share"])), _pct(s.get("share_by_kernel_name"))]
              for r in shares for s in [r["scan_profile"]]])]
     if targets:

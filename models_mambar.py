@@ -155,6 +155,11 @@ class _RecomputeInBackward(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+# Profiler range around each redo, so that benchmark.py can tell it from the scan's own time
+# (the first user of u and delta in the backward is the scan's backward node).
+RECOMPUTE_RANGE = "mambar.recompute"
+
+
 class _Recipe:
     """How to redo one tensor in the backward; the result is kept until its last user has it."""
 
@@ -166,7 +171,7 @@ class _Recipe:
     def take(self) -> torch.Tensor:
         value = self.value
         if value is None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function(RECOMPUTE_RANGE):
                 value = self.recompute()
         self.uses -= 1
         self.value = value if self.uses > 0 else None

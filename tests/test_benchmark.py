@@ -52,6 +52,9 @@ def test_cli_tiny_infer_and_train_with_deit(tmp_path):
     assert rows[("mambar_tiny_patch16_224", "infer")]["tokens"] == 4 + 12
     profile = rows[("mambar_tiny_patch16_224", "train")]["scan_profile"]
     assert profile["scan_ms"] > 0 and 0 < profile["share"] <= 1
+    # u and delta, redone inside the scan's backward node, are counted apart from the scan.
+    assert 0 < profile["recompute_ms"] < profile["scan_ms"]
+    assert "u, delta redone ms" in proc.stdout
 
 
 @pytest.mark.slow
@@ -250,3 +253,14 @@ def test_triton_autotune_choices_name_each_kernel_and_key(monkeypatch):
         "_scan_bwd_kernel (384, 16, 208, 'torch.bfloat16')": "B"}
     monkeypatch.delitem(sys.modules, "selective_scan_triton")
     assert benchmark.triton_autotune_choices() == {}
+
+
+def test_cuda_peak_memory_counts_the_timed_steps_only(monkeypatch):
+    """The peak-memory counter restarts after the warm-up (whose first step may hold Triton's
+    autotuning buffers) and before the first timed step."""
+    log = []
+    monkeypatch.setattr(benchmark, "_sync", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: log.append("reset"))
+    first, times = benchmark.time_steps(lambda: log.append("step"), 2, 3, torch.device("cuda"))
+    assert log == ["step", "step", "reset", "step", "step", "step"]
+    assert len(times) == 3 and first >= 0
