@@ -1,17 +1,22 @@
 """train_one_epoch / evaluate on a small deterministic model (no dropout, no mixup): gradient
-accumulation, DDP equivalence, EMA updates, non-finite losses and stop requests."""
+accumulation, DDP equivalence, the EMA against its closed form, the loss scaler, the random
+draws of each micro-batch and rank, non-finite losses and stop requests."""
 import copy
 import math
 import os
+import random
 import socket
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, TensorDataset
 
+import engine
 from engine import NonFiniteBudget, NonFiniteLossError, evaluate, train_one_epoch
 from losses import DistillationLoss
 
@@ -28,13 +33,28 @@ def toy_model():
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-def run(model, x, y, batch, accum, lr=0.5, **kwargs):
+def run(model, x, y, batch, accum, lr=0.5, epoch=0, clip_grad=None, criterion=CRITERION,
+        **kwargs):
     args = SimpleNamespace(accum_iter=accum, seed=0, print_freq=100, batch_size=batch,
-                           clip_grad=None, train_mode=True)
+                           clip_grad=clip_grad, train_mode=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-    return train_one_epoch(model, CRITERION, loader, optimizer, torch.device("cpu"), 0, args,
+    return train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), epoch, args,
                            **kwargs)
+
+
+def stepped_weights(x, y, groups, lr=0.5):
+    """The weights after each optimizer step of plain SGD on the mean loss of each group of
+    samples ``(lo, hi)``, computed here without the engine."""
+    model = toy_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    weights = [[p.detach().clone() for p in model.parameters()]]
+    for lo, hi in groups:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[lo:hi]), y[lo:hi]).backward()
+        optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    return weights
 
 
 def assert_same_params(a, b, atol=1e-6):
@@ -63,18 +83,90 @@ def test_a_short_last_group_steps_on_its_own_mean():
     assert_same_params(accumulated, reference)
 
 
-class CountingEma:
+def ema_closed_form(weights, decay):
+    """e_0 = w_0, e_k = decay * e_{k-1} + (1 - decay) * w_k, summed out:
+    e_k = decay^k w_0 + sum_j (1 - decay) decay^(k-j) w_j."""
+    k = len(weights) - 1
+    return [decay ** k * w0 + sum((1 - decay) * decay ** (k - j) * weights[j][i]
+                                  for j in range(1, k + 1))
+            for i, w0 in enumerate(weights[0])]
+
+
+def test_ema_weights_are_the_closed_form_of_the_weights_after_each_optimizer_step():
+    x, y = data(8)
+    model = toy_model()
+    ema = ModelEmaV3(model, decay=0.75)
+    run(model, x, y, batch=1, accum=3, model_ema=ema)  # steps after samples 3, 6 and 8
+    weights = stepped_weights(x, y, [(0, 3), (3, 6), (6, 8)])
+    for got, want in zip(ema.module.parameters(), ema_closed_form(weights, 0.75)):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(model.parameters(), weights[-1]):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_skipped_optimizer_step_leaves_the_ema_alone():
+    x, y = data(8)
+    model = toy_model()
+    ema = ModelEmaV3(model, decay=0.75)
+    # Micro-batch 4 (second group) is non-finite: that group neither steps nor moves the EMA.
+    run(model, x, y, batch=1, accum=3, model_ema=ema, criterion=NanAt({4}),
+        nonfinite=NonFiniteBudget(limit=1))
+    weights = stepped_weights(x, y, [(0, 3), (6, 8)])
+    for got, want in zip(ema.module.parameters(), ema_closed_form(weights, 0.75)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_loss_scaler_changes_nothing_but_the_scale():
+    """Scaled gradients are unscaled before clipping and stepping; the scale grows once per
+    optimizer step (growth_interval 1), not per micro-batch."""
+    x, y = data(8)
+    scaled, plain = toy_model(), toy_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    run(scaled, x, y, batch=1, accum=3, clip_grad=0.05, scaler=scaler)
+    run(plain, x, y, batch=1, accum=3, clip_grad=0.05)
+    assert_same_params(scaled, plain)
+    assert not torch.allclose(plain[0].weight, toy_model()[0].weight)
+    assert scaler.get_scale() == 2.0 ** 13
+
+
+class DrawProbe:
+    """Stands in for mixup: records one draw of each generator (python, numpy, torch) per
+    micro-batch, the generators that mixup, drop path and dropout use."""
+
     def __init__(self):
-        self.updates = 0
+        self.draws = []
 
-    def update(self, model):
-        self.updates += 1
+    def __call__(self, samples, targets):
+        self.draws.append((random.random(), float(np.random.rand()), torch.rand(()).item()))
+        return samples, targets
 
 
-def test_ema_is_updated_once_per_optimizer_step():
-    ema = CountingEma()
-    run(toy_model(), *data(8), batch=1, accum=3, model_ema=ema)
-    assert ema.updates == 3
+def draws(epoch=0, rank=0, start=0, monkeypatch=None):
+    x, y = data(8)
+    probe = DrawProbe()
+    monkeypatch.setattr(engine.utils, "get_rank", lambda: rank)
+    args = SimpleNamespace(accum_iter=2, seed=0, print_freq=100, batch_size=1, clip_grad=None,
+                           train_mode=True)
+    model = toy_model()
+    loader = DataLoader(TensorDataset(x[start:], y[start:]), batch_size=1)
+    train_one_epoch(model, CRITERION, loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                    torch.device("cpu"), epoch, args, mixup_fn=probe, start_step=start)
+    return probe.draws
+
+
+def test_each_micro_batch_epoch_and_rank_draws_its_own_randomness(monkeypatch):
+    first = draws(monkeypatch=monkeypatch)
+    assert len(first) == 8
+    for generator in range(3):
+        assert len({d[generator] for d in first}) == 8  # no two micro-batches alike
+    for other in (draws(epoch=1, monkeypatch=monkeypatch),
+                  draws(rank=1, monkeypatch=monkeypatch)):
+        assert all(a[g] != b[g] for a, b in zip(first, other) for g in range(3))
+
+
+def test_a_resumed_epoch_replays_the_same_draws(monkeypatch):
+    full = draws(epoch=3, rank=1, monkeypatch=monkeypatch)
+    assert draws(epoch=3, rank=1, start=5, monkeypatch=monkeypatch) == full[5:]
 
 
 class NanAt(torch.nn.Module):
@@ -123,12 +215,21 @@ def test_stop_request_ends_the_epoch_after_the_current_optimizer_step():
 
 
 def test_evaluate_reports_top1_top5_and_loss():
-    x, y = data(8)
-    loader = DataLoader(TensorDataset(x, y), batch_size=3)
-    stats = evaluate(loader, toy_model(), torch.device("cpu"))
-    predicted = toy_model()(x).argmax(1)
-    assert stats["acc1"] == pytest.approx(100.0 * (predicted == y).float().mean().item())
-    assert stats["acc5"] == 100.0 and stats["loss"] > 0
+    # 10 classes, so that top-5 is not trivially 100%; batches of 3 leave a short last batch.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 10, (40,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 10)
+    stats = evaluate(DataLoader(TensorDataset(x, y), batch_size=3), model, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(x)
+    top5 = logits.topk(5, dim=1).indices
+    acc1 = 100.0 * (logits.argmax(1) == y).float().mean().item()
+    acc5 = 100.0 * (top5 == y[:, None]).any(1).float().mean().item()
+    assert 0 < acc1 < acc5 < 100
+    assert stats["acc1"] == pytest.approx(acc1) and stats["acc5"] == pytest.approx(acc5)
+    assert stats["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
 
 
 def _ddp_worker(rank, port, out):
