@@ -13,8 +13,10 @@ flipping every sequence input, scanning, and flipping the output back, without t
 
 Backends:
   * ``reference``: a naive per-step loop under autograd; slow and obviously correct (the oracle).
-  * ``torch``: the same loop vectorised over batch x channels x states inside a custom autograd
-    Function whose backward is its own reverse-time loop (fast on CPU, works on any device).
+  * ``torch``: on CPU tensors, the compiled scan of ``selective_scan_cpu.py`` (Numba: one fused
+    pass per time step, every core busy) when Numba imports; otherwise, and on other devices,
+    the same loop in PyTorch ops vectorised over batch x channels x states inside a custom
+    autograd Function whose backward is its own reverse-time loop (``selective_scan_loop``).
   * ``triton``: fused forward/backward kernels (``selective_scan_triton.py``), CUDA only.
   * ``cuda``: mamba-ssm's compiled kernel, CUDA only, imported lazily.
 
@@ -37,9 +39,40 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "reference")
 ENV_VAR = "MAMBAR_SCAN_BACKEND"
 
 
+def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> None:
+    """ValueError naming the first argument the reference and torch backends cannot scan.
+
+    They implement real A and one variable B and C shared by all channels; mamba-ssm's kernel
+    also takes complex A and grouped or fixed B/C, which these loops would silently get wrong
+    (complex A) or fail on deep inside (grouped B/C).
+    """
+    if u.dim() != 3:
+        raise ValueError(f"u: expected (batch, channels, length), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.shape != u.shape:
+            raise ValueError(f"{name}: expected u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
+                    ("z", z), ("delta_bias", delta_bias)):
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name}: expected a real floating-point tensor, got {t.dtype} "
+                             "(complex A is only supported by the 'cuda' backend)")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A: expected (channels, d_state) = ({dim}, N), got {tuple(A.shape)}")
+    want = (batch, A.shape[1], length)
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name}: expected (batch, d_state, length) = {want} (input-"
+                             f"dependent, one group), got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise ValueError(f"{name}: expected (channels,) = ({dim},), got {tuple(t.shape)}")
+
+
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=True, reverse=False):
     """Sequential oracle: one token at a time, plain autograd, computed in fp32 (or fp64)."""
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_out = u.dtype
     work = _work_dtype(u)
     u, delta, B, C = (t.to(work) for t in (u, delta, B, C))
@@ -228,10 +261,36 @@ class _SelectiveScanTorch(torch.autograd.Function):
                 dbias, None, None)
 
 
+def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=True, reverse=False):
+    """Pure-PyTorch selective scan with a hand-written backward (see module docstring)."""
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu_scan() -> Optional[Callable]:
+    """The compiled CPU scan, or None when Numba is missing or cannot compile here."""
+    try:
+        return importlib.import_module("selective_scan_cpu").selective_scan_cpu
+    except Exception as err:  # ImportError, or a Numba/llvmlite that does not load
+        logger.warning("compiled CPU scan unavailable (%s); using the PyTorch loop", err)
+        return None
+
+
+def compiled_cpu_scan_available() -> bool:
+    return _load_cpu_scan() is not None
+
+
 def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=True, reverse=False):
-    """Pure-PyTorch selective scan with a hand-written backward (see module docstring)."""
-    return _SelectiveScanTorch.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    """The ``torch`` backend: the compiled scan for CPU tensors where Numba is installed,
+    the PyTorch loop otherwise."""
+    compiled = _load_cpu_scan() if u.device.type == "cpu" else None
+    if compiled is None:
+        return selective_scan_loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 def _flip_wrap(scan: Callable) -> Callable:
@@ -353,6 +412,9 @@ def describe_backends(name: str) -> str:
     else:
         gpu = name
     cpu = "torch" if name in ("auto", "cuda", "triton") else name
+    if cpu == "torch":
+        cpu += (" (compiled, Numba)" if compiled_cpu_scan_available() else
+                " (PyTorch loop: numba not installed)")
     return (f"scan backend '{name}': CUDA tensors -> {gpu}, CPU tensors -> {cpu} "
             f"(mamba-ssm kernels {'found' if cuda_kernels_available() else 'not installed'}, "
             f"triton {'found' if triton_available() else 'not installed'})")

@@ -1,8 +1,14 @@
 """The selective-scan backends against the sequential oracle."""
+import sys
+import types
+
+import numba
+import numpy as np
 import pytest
 import torch
 
 import selective_scan as ss
+import selective_scan_cpu as ssc
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -37,35 +43,123 @@ def run_with_grads(scan, args, reverse, out_grad=None):
     return out, grads, out_grad
 
 
+# The two CPU implementations behind the ``torch`` backend: the compiled scan (what it runs
+# on CPU tensors when Numba imports) and the PyTorch loop (without Numba, and off the CPU).
+CPU_SCANS = {"compiled": ssc.selective_scan_cpu, "loop": ss.selective_scan_loop}
+cpu_scans = pytest.mark.parametrize("impl", list(CPU_SCANS))
+
+
+def assert_matches_reference(scan, args, reverse, rtol=1e-5, atol=1e-5, grad_rtol=1e-4,
+                             grad_atol=1e-5):
+    ref_out, ref_grads, g = run_with_grads(ss.selective_scan_reference, args, reverse)
+    out, grads, _ = run_with_grads(scan, args, reverse, g)
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=atol)
+    names = [n for n, a in zip(ARG_NAMES, args) if a is not None]
+    for name, got, want in zip(names, grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=grad_rtol, atol=grad_atol,
+                                   msg=f"grad of {name} (reverse={reverse})")
+
+
+@cpu_scans
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("optional", ["all", "no_D", "no_z", "no_bias"])
-def test_torch_matches_reference_fp32(reverse, optional):
+def test_torch_matches_reference_fp32(impl, reverse, optional):
     args = make_inputs()
     drop = {"no_D": 5, "no_z": 6, "no_bias": 7}.get(optional)
     if drop is not None:
         args[drop] = None
-    ref_out, ref_grads, g = run_with_grads(ss.selective_scan_reference, args, reverse)
-    out, grads, _ = run_with_grads(ss.selective_scan_torch, args, reverse, g)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    names = [n for n, a in zip(ARG_NAMES, args) if a is not None]
-    for name, got, want in zip(names, grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+    assert_matches_reference(CPU_SCANS[impl], args, reverse)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_torch_inference_path_matches_reference(reverse):
+@pytest.mark.parametrize("length", [1, 2, 17, 208])
+def test_compiled_odd_lengths_and_full_channel_blocks(length, reverse):
+    """dim 40: two full blocks of 16 channels and a padded one; length 208: the model's."""
+    args = make_inputs(batch=2, dim=40, state=16, length=length, seed=length)
+    assert_matches_reference(ssc.selective_scan_cpu, args, reverse, grad_rtol=2e-4,
+                             grad_atol=2e-5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_strided_inputs(reverse):
+    """The model's layouts: u, delta and z channel-minor, B and C row slices of one
+    projection, A transposed; the results must not depend on strides."""
+    batch, dim, state, length = 2, 20, 4, 11
+    base = make_inputs(batch, dim, state, length)
+    gen = torch.Generator().manual_seed(3)
+
+    def channel_minor(t):
+        return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
+    u, delta, A, B, C, D, z, bias = base
+    proj = torch.randn(batch, 2 * state + 3, length, generator=gen).requires_grad_()
+    b_view, c_view = proj[:, 3:3 + state], proj[:, 3 + state:]
+    a_view = A.detach().t().contiguous().t().requires_grad_()
+    args = [channel_minor(u), channel_minor(delta), a_view, b_view, c_view, D,
+            channel_minor(z), bias]
+    assert not args[0].is_contiguous() and not b_view.is_contiguous()
+    assert_matches_reference(ssc.selective_scan_cpu, args, reverse)
+
+
+@cpu_scans
+@pytest.mark.parametrize("reverse", [False, True])
+def test_torch_inference_path_matches_reference(impl, reverse):
     args = make_inputs(length=12)
     with torch.no_grad():
-        got = ss.selective_scan_torch(*args, reverse=reverse)
+        got = CPU_SCANS[impl](*args, reverse=reverse)
         want = ss.selective_scan_reference(*args, reverse=reverse)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@cpu_scans
 @pytest.mark.parametrize("reverse", [False, True])
-def test_torch_gradcheck_float64(reverse):
+def test_torch_gradcheck_float64(impl, reverse):
     args = make_inputs(batch=1, dim=3, state=2, length=5, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda *a: ss.selective_scan_torch(*a, delta_softplus=True, reverse=reverse), args)
+        lambda *a: CPU_SCANS[impl](*a, delta_softplus=True, reverse=reverse), args)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_compiled_no_softplus_and_two_threads(reverse):
+    """delta used as given; and the same numbers whether one thread or two split the jobs
+    (the per-task sums of dA, dB, dC, dD are added up afterwards)."""
+    args = make_inputs(batch=3, dim=48, state=4, length=9)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = ssc.selective_scan_cpu(*args, delta_softplus=False, reverse=reverse)
+            g = torch.ones_like(out)
+            results.append((out, torch.autograd.grad(out, args, g)))
+    finally:
+        torch.set_num_threads(saved)
+    want = ss.selective_scan_reference(*args, delta_softplus=False, reverse=reverse)
+    # Negative delta makes exp(delta A) > 1: states grow, and rounding with them.
+    torch.testing.assert_close(results[0][0], want, rtol=1e-4, atol=1e-5)
+    for name, one, two in zip(ARG_NAMES, results[0][1], results[1][1]):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6, msg=f"grad of {name}")
+
+
+def test_split_covers_every_job_once():
+    for jobs, threads in ((1, 2), (7, 2), (192, 2), (5, 1), (100, 3)):
+        ranges = ssc._split(jobs, threads)
+        covered = [j for first, last in ranges for j in range(first, last)]
+        assert covered == list(range(jobs))
+        assert len(ranges) == (1 if threads == 1 else min(jobs, 4 * threads))
+
+
+def test_fast_exp_float32_within_two_ulp():
+    """The kernels' vectorisable exp against exp in fp64 rounded to fp32."""
+    exp = numba.njit(lambda x: ssc._exp(x))
+    xs = np.concatenate([np.linspace(-87, 88, 20001), np.random.default_rng(0).normal(0, 5, 5000)
+                         ]).astype(np.float32)
+    got = np.array([exp(x) for x in xs], dtype=np.float32)
+    want = np.exp(xs.astype(np.float64)).astype(np.float32)
+    ulp = np.spacing(want)
+    assert np.max(np.abs(got.astype(np.float64) - want) / ulp) <= 2
+    assert exp(np.float32(-100)) == 0 and exp(np.float32(100)) == np.inf
+    assert np.isnan(exp(np.float32(np.nan))) and exp(np.float32(0)) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,12 +196,13 @@ def test_reference_matches_closed_form_first_steps():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@cpu_scans
 @pytest.mark.parametrize("reverse", [False, True])
-def test_torch_bf16_close_to_fp32(reverse):
+def test_torch_bf16_close_to_fp32(impl, reverse):
     args32 = make_inputs(length=16)
     args16 = [a.detach().to(torch.bfloat16).requires_grad_() if a.dtype == torch.float32
               and a.dim() == 3 else a for a in args32]
-    out16 = ss.selective_scan_torch(*args16, reverse=reverse)
+    out16 = CPU_SCANS[impl](*args16, reverse=reverse)
     assert out16.dtype == torch.bfloat16
     rounded = [a.detach().float() if a.dtype == torch.bfloat16 else a for a in args16]
     want = ss.selective_scan_reference(*rounded, reverse=reverse)
@@ -130,6 +225,91 @@ def test_backend_resolution(monkeypatch):
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         ss.resolve_backend("cuda", cpu)
     assert ss.get_scan("torch") is ss.selective_scan_torch
+    assert "CPU tensors -> torch (compiled, Numba)" in ss.describe_backends("auto")
+
+
+def test_torch_backend_runs_the_compiled_scan_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ss, "_load_cpu_scan", lambda: lambda *a: calls.append(a) or a[0])
+    args = make_inputs()
+    ss.selective_scan_torch(*args, True, False)
+    assert len(calls) == 1
+
+
+def test_fallback_to_the_loop_without_numba(monkeypatch):
+    """With Numba not importable, the ``torch`` backend is the PyTorch loop, says so once in
+    the backend line, and still matches the oracle."""
+    monkeypatch.setitem(sys.modules, "numba", None)         # import numba -> ImportError
+    monkeypatch.delitem(sys.modules, "selective_scan_cpu")
+    ss._load_cpu_scan.cache_clear()
+    loop_calls = []
+    real_apply = ss._SelectiveScanTorch.apply
+    monkeypatch.setattr(ss._SelectiveScanTorch, "apply",
+                        lambda *a: loop_calls.append(1) or real_apply(*a))
+    try:
+        assert not ss.compiled_cpu_scan_available()
+        assert "CPU tensors -> torch (PyTorch loop: numba not installed)" in \
+            ss.describe_backends("auto")
+        args = make_inputs()
+        assert_matches_reference(ss.get_scan(ss.resolve_backend("auto", torch.device("cpu"))),
+                                 args, reverse=True)
+        assert loop_calls
+    finally:
+        ss._load_cpu_scan.cache_clear()
+
+
+SCANS_CHECKED = {"reference": ss.selective_scan_reference, "torch": ss.selective_scan_torch,
+                 "loop": ss.selective_scan_loop}
+
+
+@pytest.mark.parametrize("scan", list(SCANS_CHECKED))
+@pytest.mark.parametrize("arg, make, match", [
+    ("A", lambda a: torch.complex(a, a), r"A: expected a real floating-point tensor"),
+    ("B", lambda b: b[0, :, 0].expand(6, 4).contiguous(),
+     r"B: expected \(batch, d_state, length\) = \(2, 4, 9\)"),
+    ("C", lambda c: c.detach().unsqueeze(1).expand(2, 2, 4, 9),
+     r"C: expected \(batch, d_state, length\) = \(2, 4, 9\)"),
+    ("D", lambda d: d[:3], r"D: expected \(channels,\) = \(6,\)"),
+    ("delta", lambda t: t[..., :5], r"delta: expected u's shape"),
+])
+def test_unsupported_inputs_name_the_argument(scan, arg, make, match):
+    """mamba-ssm-style complex A, fixed B of shape (E, N), grouped C (B, G, N, L): a
+    ValueError naming the argument, not wrong numbers or an error from deep inside."""
+    args = dict(zip(ARG_NAMES, make_inputs()))
+    args[arg] = make(args[arg])
+    with pytest.raises(ValueError, match=match):
+        SCANS_CHECKED[scan](**args)
+
+
+def test_cuda_wrapper_flips_reverse_and_passes_contiguous_fp32_params(monkeypatch):
+    """The ``cuda`` backend's wrapper around mamba-ssm's selective_scan_fn, with the oracle
+    standing in for the kernel: reverse = flip in, scan forwards, flip out; the kernel gets
+    contiguous tensors and fp32 A, D and delta_bias, as its C++ checks demand."""
+    seen = []
+
+    def fake_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        seen.append((u, delta, A, B, C, D, z, delta_bias))
+        return ss.selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    fake = types.SimpleNamespace(selective_scan_fn=fake_kernel)
+    real_import = ss.importlib.import_module
+    monkeypatch.setattr(ss.importlib, "import_module", lambda name: fake if name ==
+                        "mamba_ssm.ops.selective_scan_interface" else real_import(name))
+    ss._load_cuda_scan.cache_clear()
+    try:
+        scan = ss._load_cuda_scan()
+        assert scan is not None
+        for reverse in (False, True):
+            args = make_inputs(length=10)
+            strided = [a.detach().transpose(1, 2).contiguous().transpose(1, 2)
+                       .requires_grad_() if a.dim() == 3 else a for a in args]
+            strided[2] = args[2].detach().double().requires_grad_()    # A in fp64
+            assert_matches_reference(scan, strided, reverse)
+        for call in seen:
+            assert all(t.is_contiguous() for t in call if t is not None)
+            assert all(t.dtype == torch.float32 for t in (call[2], call[5], call[7]))
+    finally:
+        ss._load_cuda_scan.cache_clear()
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,338 @@
+"""Compiled CPU selective scan (Numba): one fused pass per time step, all cores busy.
+
+The pure-PyTorch loop in ``selective_scan.py`` issues a dozen small ATen ops per time step; at
+the model's sizes each costs more in dispatch and memory round trips than in arithmetic. Here
+each (batch, block of ``BLOCK`` channels) job keeps its (states x channels) slab in L1 and does
+the decay, the input term, the state update, the C contraction and the SiLU gate of a step in
+one loop nest that LLVM vectorises over the channels. Jobs are independent, so they are split
+between threads; the kernels release the GIL, and plain Python threads run them (no second
+OpenMP runtime next to PyTorch's).
+
+The backward keeps nothing from the forward but its inputs: each job re-runs its forward into
+a scratch of (L, N, BLOCK) states and decays (a few hundred KB, in L2), then walks the adjoint
+recurrence back through it. Sums over channels (dB, dC) and over batch and time (dA, dD) go
+into per-task buffers that are added up afterwards, so tasks never write the same memory.
+
+exp is a Cody-Waite reduction plus a degree-7 polynomial (fp32: within 2 ulp of libm) written
+in arithmetic and one integer-to-float bitcast, so that it vectorises; libm's expf does not.
+Compiled code is cached in ``__pycache__`` (``cache=True``): a machine compiles once.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import threading
+from typing import List, Optional, Tuple
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
+
+from selective_scan import _softplus, _work_dtype
+
+# Channels per job: one AVX-512 vector or two AVX2 ones; a multiple of both keeps the inner
+# loop free of remainders.
+BLOCK = 16
+# Compiler flags: reassociation lets LLVM vectorise the sums over channels; contraction gives
+# FMAs. No 'nnan'/'ninf': inf and nan must propagate as in the other backends.
+_FAST = {"reassoc", "contract"}
+_JIT = dict(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)
+
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)         # ln 2 split so that k * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_MAX = np.float32(88.7)                # above: inf; below _EXP_MIN: 0 (as expf does)
+_EXP_MIN = np.float32(-87.3)
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, bits):
+    """Reinterpret an int32's bits as a float32 (builds 2^k for exp)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+def _exp(x):
+    """exp(x) in x's precision, vectorisable in fp32 (see module docstring)."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(_exp, jit_options=_JIT)
+def _exp_overload(x):
+    if x == types.float64:
+        return lambda x: math.exp(x)
+    if x != types.float32:
+        return None
+
+    def exp32(x):
+        # Everything stays fp32 (a float64 or int64 step would halve the vector width):
+        # np.floor, not math.floor (an int), and 2^k's bit pattern (k + 127) * 2^23 is built
+        # in fp32, where it is exact, then converted once.
+        k = np.floor(x * _LOG2E + np.float32(0.5))
+        r = x - k * _LN2_HI - k * _LN2_LO                      # |r| <= ln2 / 2
+        p = np.float32(1.9875691500e-4)                        # minimax, Taylor-like
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        p = p * r * r + r + _ONE
+        kc = min(max(k, np.float32(-126.0)), np.float32(127.0))
+        scale = _int32_bits_as_float32(np.int32((kc + np.float32(127.0)) * np.float32(8388608.0)))
+        out = p * scale
+        out = np.float32(np.inf) if x > _EXP_MAX else out
+        out = np.float32(0.0) if x < _EXP_MIN else out
+        return x if x != x else out                            # nan stays nan
+    return exp32
+
+
+# Indices are unsigned throughout the kernels: a signed index gets Python's negative-index
+# wraparound, a select per lane that turns every vector load into a gather. (uint64 with an
+# int literal would become float64 in Numba; hence the typed constants.)
+_U = np.uint64
+_U1 = np.uint64(1)
+_U2 = np.uint64(2)
+_UB = np.uint64(BLOCK)
+
+
+@numba.njit(**_JIT)
+def _forward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, out):
+    """Jobs [first, last) of the forward: job j is batch j // blocks, channels
+    BLOCK * (j % blocks) + [0, BLOCK). (B, L, E) arrays: u, dt, z, out; (N, E): a_t;
+    (B, L, N): b_t, c_t; (E,): d. z and d may be empty (no gate / no skip).
+    Plain indexing only: a slice in a loop costs an atomic reference count."""
+    length, states = _U(u.shape[1]), _U(a_t.shape[0])
+    blocks = _U(u.shape[2]) // _UB
+    gate, skip = z.shape[0] > 0, d.shape[0] > 0
+    h = np.zeros((states, BLOCK), u.dtype)
+    y = np.empty(BLOCK, u.dtype)
+    for job in range(_U(first), _U(last)):
+        b, e0 = job // blocks, (job % blocks) * _UB
+        h[:] = 0
+        for s in range(length):
+            t = length - _U1 - s if reverse else s
+            y[:] = 0
+            for n in range(states):
+                bn, cn = b_t[b, t, n], c_t[b, t, n]
+                for e in range(_UB):
+                    dd = dt[b, t, e0 + e]
+                    hv = _exp(dd * a_t[n, e0 + e]) * h[n, e] + dd * u[b, t, e0 + e] * bn
+                    h[n, e] = hv
+                    y[e] += hv * cn
+            for e in range(_UB):
+                yv = y[e]
+                if skip:
+                    yv += d[e0 + e] * u[b, t, e0 + e]
+                if gate:
+                    zv = z[b, t, e0 + e]
+                    yv = yv * zv / (_ONE + _exp(-zv))
+                out[b, t, e0 + e] = yv
+
+
+@numba.njit(**_JIT)
+def _backward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, dout,
+                   du, ddt, dz, da, db, dc, dd_acc):
+    """Jobs [first, last) of the backward (job numbering as the forward). Writes du, ddt
+    (gradient w.r.t. the activated delta) and dz for its own channels; adds into this task's
+    da (N, E), db, dc (B, L, N) and dd_acc (E,)."""
+    length, states = _U(u.shape[1]), _U(a_t.shape[0])
+    blocks = _U(u.shape[2]) // _UB
+    gate, skip = z.shape[0] > 0, d.shape[0] > 0
+    # Row s + 1 holds step s; row 0 (no earlier state) and row length + 1 (no later decay)
+    # stay zero, so the first and last steps need no branches.
+    hs = np.zeros((length + _U2, states, BLOCK), u.dtype)
+    decays = np.zeros((length + _U2, states, BLOCK), u.dtype)
+    dys = np.empty((length, BLOCK), u.dtype)
+    g = np.empty((states, BLOCK), u.dtype)
+    y = np.empty(BLOCK, u.dtype)
+    g_b = np.empty(BLOCK, u.dtype)
+    g_dt = np.empty(BLOCK, u.dtype)
+    for job in range(_U(first), _U(last)):
+        b, e0 = job // blocks, (job % blocks) * _UB
+        # Re-run the forward, keeping every state and decay; then the gate's gradients.
+        for s in range(length):
+            t = length - _U1 - s if reverse else s
+            y[:] = 0
+            for n in range(states):
+                bn, cn = b_t[b, t, n], c_t[b, t, n]
+                for e in range(_UB):
+                    dd = dt[b, t, e0 + e]
+                    dec = _exp(dd * a_t[n, e0 + e])
+                    hv = dec * hs[s, n, e] + dd * u[b, t, e0 + e] * bn
+                    decays[s + _U1, n, e] = dec
+                    hs[s + _U1, n, e] = hv
+                    y[e] += hv * cn
+            for e in range(_UB):
+                go = dout[b, t, e0 + e]
+                if gate:
+                    zv = z[b, t, e0 + e]
+                    yv = y[e] + d[e0 + e] * u[b, t, e0 + e] if skip else y[e]
+                    sig = _ONE / (_ONE + _exp(-zv))
+                    dys[s, e] = go * zv * sig
+                    dz[b, t, e0 + e] = go * yv * sig * (_ONE + zv * (_ONE - sig))
+                else:
+                    dys[s, e] = go
+        # Adjoint: g_s = dy_s C_s + exp(dt_{s+1} A) g_{s+1}, walked against the scan.
+        g[:] = 0
+        for r in range(length):
+            s = length - _U1 - r
+            t = length - _U1 - s if reverse else s
+            g_b[:] = 0
+            g_dt[:] = 0
+            for n in range(states):
+                bn, cn = b_t[b, t, n], c_t[b, t, n]
+                sum_b = sum_c = _ZERO
+                for e in range(_UB):
+                    dd = dt[b, t, e0 + e]
+                    gv = dys[s, e] * cn + decays[s + _U2, n, e] * g[n, e]
+                    g[n, e] = gv
+                    g_b[e] += gv * bn
+                    p = gv * decays[s + _U1, n, e] * hs[s, n, e]    # dL/d(dt A), this state
+                    g_dt[e] += p * a_t[n, e0 + e]
+                    da[n, e0 + e] += p * dd
+                    sum_b += gv * dd * u[b, t, e0 + e]
+                    sum_c += dys[s, e] * hs[s + _U1, n, e]
+                db[b, t, n] += sum_b
+                dc[b, t, n] += sum_c
+            for e in range(_UB):
+                ddt[b, t, e0 + e] = u[b, t, e0 + e] * g_b[e] + g_dt[e]
+                du[b, t, e0 + e] = dt[b, t, e0 + e] * g_b[e]
+                if skip:
+                    du[b, t, e0 + e] += d[e0 + e] * dys[s, e]
+                    dd_acc[e0 + e] += dys[s, e] * u[b, t, e0 + e]
+
+_POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = concurrent.futures.ThreadPoolExecutor(workers, "mambar-scan")
+        return _POOL
+
+
+def _split(jobs: int, threads: int) -> List[Tuple[int, int]]:
+    """Contiguous job ranges, a few per thread so that a thread slowed by another process
+    on its core does not hold up the rest."""
+    tasks = min(jobs, threads * 4 if threads > 1 else 1)
+    bounds = [jobs * i // tasks for i in range(tasks + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run(kernel, ranges: List[Tuple[int, int]], per_task) -> None:
+    """``kernel(first, last, *per_task(i))`` for every range, on torch's thread count."""
+    threads = min(torch.get_num_threads(), len(ranges))
+    if threads <= 1:
+        for i, (first, last) in enumerate(ranges):
+            kernel(first, last, *per_task(i))
+        return
+    futures = [_pool(threads).submit(kernel, first, last, *per_task(i))
+               for i, (first, last) in enumerate(ranges)]
+    for future in futures:
+        future.result()
+
+
+def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Contiguous, with ``pad`` zeros appended to the last dimension."""
+    return F.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
+
+
+def _channels_last(t: torch.Tensor, work: torch.dtype, pad: int) -> torch.Tensor:
+    """(B, X, L) -> contiguous (B, L, X + pad), zeros in the padding."""
+    return _padded(t.to(work).transpose(1, 2), pad)
+
+
+class _Inputs:
+    """The kernels' view of one call: fp32 (fp64 for fp64 input), channel-minor, channels
+    padded to a multiple of BLOCK."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        self.work = work = _work_dtype(u)
+        self.batch, self.dim, self.length = u.shape
+        self.pad = -self.dim % BLOCK
+        self.u = _channels_last(u, work, self.pad)
+        dt_raw = delta.to(work).transpose(1, 2)                               # (B, L, E)
+        if delta_bias is not None:
+            dt_raw = dt_raw + delta_bias.to(work)
+        self.dt_raw = dt_raw
+        self.dt = _padded(_softplus(dt_raw) if delta_softplus else dt_raw, self.pad)
+        self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E)
+        self.b_t = B.to(work).transpose(1, 2).contiguous()                    # (B, L, N)
+        self.c_t = C.to(work).transpose(1, 2).contiguous()
+        self.d = (_padded(D.to(work), self.pad) if D is not None
+                  else torch.empty(0, dtype=work))
+        self.z = (_channels_last(z, work, self.pad) if z is not None
+                  else torch.empty(0, 0, 0, dtype=work))
+
+    def arrays(self) -> tuple:
+        return tuple(t.numpy() for t in (self.u, self.dt, self.z, self.a_t, self.b_t, self.c_t,
+                                         self.d))
+
+    def jobs(self) -> int:
+        return self.batch * (self.dim + self.pad) // BLOCK
+
+    def to_sequence(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(B, L, E + pad) -> (B, E, L) in ``like``'s dtype."""
+        return t[..., :self.dim].transpose(1, 2).to(like.dtype)
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out = torch.empty_like(x.u)
+        arrays = x.arrays() + (bool(reverse), out.numpy())
+        ranges = _split(x.jobs(), torch.get_num_threads())
+        _run(_forward_jobs, ranges, lambda i: arrays)
+        ctx.flags = (delta_softplus, reverse)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        return x.to_sequence(out, u)
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        delta_softplus, reverse = ctx.flags
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        g_out = _channels_last(dout, x.work, x.pad)
+        du, ddt = torch.empty_like(x.u), torch.empty_like(x.u)
+        dz = torch.empty_like(x.z)
+        ranges = _split(x.jobs(), torch.get_num_threads())
+        tasks = len(ranges)
+        states = x.a_t.shape[0]
+        da = x.u.new_zeros(tasks, *x.a_t.shape)
+        db = x.u.new_zeros(tasks, *x.b_t.shape)
+        dc = x.u.new_zeros(tasks, *x.c_t.shape)
+        dd = x.u.new_zeros(tasks, x.d.shape[0])
+        arrays = x.arrays() + (bool(reverse), g_out.numpy(), du.numpy(), ddt.numpy(), dz.numpy())
+        buffers = tuple(t.numpy() for t in (da, db, dc, dd))
+        _run(_backward_jobs, ranges, lambda i: arrays + tuple(buf[i] for buf in buffers))
+        ddt = ddt[..., :x.dim]
+        if delta_softplus:
+            ddt = ddt * torch.sigmoid(x.dt_raw)
+        ddelta = ddt.transpose(1, 2).to(delta.dtype)
+        dbias = None if delta_bias is None else ddt.sum((0, 1)).to(delta_bias.dtype)
+        dA = da.sum(0)[:, :x.dim].t().to(A.dtype)
+        dD = None if D is None else dd.sum(0)[:x.dim].to(D.dtype)
+        return (x.to_sequence(du, u), ddelta, dA, db.sum(0).transpose(1, 2).to(B.dtype),
+                dc.sum(0).transpose(1, 2).to(C.dtype), dD,
+                None if z is None else x.to_sequence(dz, z), dbias, None, None)
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=True, reverse=False):
+    """The compiled CPU selective scan (same arguments and results as the other backends)."""
+    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
