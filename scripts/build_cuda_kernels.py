@@ -5,7 +5,9 @@ network) and then compile for every architecture their nvcc knows (nine on CUDA 
 multiplies the build time. This script builds from the source distributions in ``--sdists``:
 the download is switched off (each package's FORCE_BUILD variable), the build runs against
 the installed torch (``--no-build-isolation``), and the setup script's list of ``-gencode``
-targets is cut to ``--arch``. Both packages compile at once, sharing ``--jobs``.
+targets is cut to ``--arch``; their ``-std=c++17`` becomes ``c++20`` where the installed
+torch's headers require it (torch 2.14 does). Both packages compile at once, sharing
+``--jobs``.
 
 Wheels already in ``--wheels`` for the same package and version are kept, not rebuilt, so a
 second run installs in seconds:
@@ -96,6 +98,24 @@ def find_cuda_home(env: Dict[str, str]) -> str:
     raise BuildError("no CUDA toolkit found (nvcc and cuda_runtime_api.h); set CUDA_HOME")
 
 
+def required_cxx_standard() -> Optional[str]:
+    """'c++20' when the installed torch's headers refuse anything older (recent releases say
+    so in ATen.h), else None: the setup scripts ask for C++17, and such a build then fails."""
+    import torch.utils.cpp_extension as cpp
+    for include in cpp.include_paths():
+        header = os.path.join(include, "ATen", "ATen.h")
+        if os.path.isfile(header):
+            with open(header) as f:
+                return "c++20" if "C++20 or later" in f.read() else None
+    return None
+
+
+def set_cxx_standard(setup_py: str, standard: Optional[str]) -> str:
+    """Every ``-std=c++NN`` of a setup script replaced by ``standard`` (None: unchanged)."""
+    return setup_py if standard is None else re.sub(r"-std=c\+\+\d+", f"-std={standard}",
+                                                    setup_py)
+
+
 def sdist_version(path: str) -> Tuple[str, str]:
     """('mamba-ssm', '2.3.2.post1') from .../mamba_ssm-2.3.2.post1.tar.gz."""
     match = re.fullmatch(r"(.+?)-(\d[^-]*)\.tar\.gz", os.path.basename(path))
@@ -135,11 +155,12 @@ def _unpack(sdist: str, into: str) -> str:
 
 
 def start_build(name: str, sdist: str, arch: str, jobs: int, wheels: str, log_path: str,
-                workdir: str) -> subprocess.Popen:
+                workdir: str, cxx_standard: Optional[str]) -> subprocess.Popen:
     src = _unpack(sdist, workdir)
     setup_py = os.path.join(src, "setup.py")
     with open(setup_py) as f:
         text, dropped = restrict_gencodes(f.read(), arch)
+    text = set_cxx_standard(text, cxx_standard)
     with open(setup_py, "w") as f:
         f.write(text)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(jobs),
@@ -149,7 +170,9 @@ def start_build(name: str, sdist: str, arch: str, jobs: int, wheels: str, log_pa
            "--no-index", "-w", wheels, src]
     log = open(log_path, "w")
     log.write(f"{name}: dropped {dropped} -gencode targets, kept sm_{arch_code(arch)}; "
-              f"MAX_JOBS={jobs}; CUDA_HOME={env['CUDA_HOME']}\n$ {' '.join(cmd)}\n")
+              f"MAX_JOBS={jobs}; CUDA_HOME={env['CUDA_HOME']}; "
+              f"C++ standard: {cxx_standard or 'as the setup script says'}\n"
+              f"$ {' '.join(cmd)}\n")
     log.flush()
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -159,6 +182,7 @@ def build(sdists: str, wheels: str, arch: str, jobs: int, logs: str) -> List[str
     os.makedirs(wheels, exist_ok=True)
     os.makedirs(logs, exist_ok=True)
     lines, running = [], {}
+    cxx_standard = required_cxx_standard()
     with tempfile.TemporaryDirectory() as workdir:
         for name, (sdist, version) in find_sdists(sdists).items():
             hit = cached_wheel(wheels, name, version)
@@ -170,7 +194,7 @@ def build(sdists: str, wheels: str, arch: str, jobs: int, logs: str) -> List[str
             log_path = os.path.join(logs, f"build_{name}.log")
             running[name] = (version, log_path, time.time(),
                              start_build(name, sdist, arch, share, wheels, log_path,
-                                         os.path.join(workdir, name)))
+                                         os.path.join(workdir, name), cxx_standard))
         failed = []
         for name, (version, log_path, start, proc) in running.items():
             rc = proc.wait()

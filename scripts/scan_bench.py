@@ -37,7 +37,6 @@ SHAPES = {  # name: (batch, E, N, L, dt_rank)
     "base448": (128, 1536, 16, 796, 48),
     "tiny": (128, 384, 16, 208, 12),
 }
-LOG2E = 1.4426950408889634
 
 
 def model_layout_inputs(batch: int, E: int, N: int, L: int, rank: int,
@@ -100,7 +99,8 @@ def _probe_kernel(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, out_ptr, E, L,
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, N)
     mask = e < E
-    a = tl.load(a_ptr + e[:, None] * N + n[None, :], mask=mask[:, None], other=0.0) * 1.4426950408889634
+    a = tl.load(a_ptr + e[:, None] * N + n[None, :], mask=mask[:, None], other=0.0)
+    a = a * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     h = tl.zeros((BLOCK_E, N), dtype=tl.float32)
     row = tl.program_id(1) * L * E
     bc = tl.program_id(1) * L * N
@@ -151,7 +151,8 @@ def cuda_kernel_scan() -> Optional[Callable]:
 
 
 def contiguous_inputs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: (v.detach().contiguous().requires_grad_(v.requires_grad)) for k, v in inputs.items()}
+    return {k: v.detach().contiguous().requires_grad_(v.requires_grad)
+            for k, v in inputs.items()}
 
 
 def autotune_choices() -> Dict[str, str]:
@@ -195,7 +196,8 @@ def run(shapes: Sequence[str], backends: Sequence[str]) -> List[Dict[str, object
 
 def format_row(row: Dict[str, object], elements: int) -> str:
     if "error" in row:
-        return f"{row['shape']:8s} {row['backend']:12s} rev={int(row['reverse'])} ERROR {row['error']}"
+        return (f"{row['shape']:8s} {row['backend']:12s} rev={int(row['reverse'])} "
+                f"ERROR {row['error']}")
     parts = [f"{row['shape']:8s} {row['backend']:12s} rev={int(row['reverse'])}"]
     for key in ("fwd_ms", "bwd_ms"):
         if key in row:

@@ -26,6 +26,7 @@ if True:
         cc_flag.append("-gencode")
         cc_flag.append("arch=compute_100,code=sm_100")
     other = ["-O3"]
+extra_compile_args = {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-std=c++17", "-O3"]}
 '''
 
 
@@ -45,6 +46,25 @@ def test_only_the_requested_architecture_is_left():
     # Still valid Python (the `if` that held only sm_100 keeps a body), and only sm_90 left.
     assert run_setup(text) == ["-gencode", "arch=compute_90,code=sm_90"]
     assert "other = [\"-O3\"]" in text
+
+
+def test_cxx_standard_follows_the_installed_torch(tmp_path, monkeypatch):
+    assert bck.set_cxx_standard(SETUP_PY, None) == SETUP_PY
+    assert SETUP_PY.count("-std=c++17") == 2
+    raised = bck.set_cxx_standard(SETUP_PY, "c++20")
+    assert raised.count("-std=c++20") == 2 and "c++17" not in raised
+    # torch's own ATen.h decides (first include folder that has one).
+    import torch.utils.cpp_extension as cpp
+    (tmp_path / "new" / "ATen").mkdir(parents=True)
+    (tmp_path / "new" / "ATen" / "ATen.h").write_text(
+        "#if __cplusplus < 202002L\n#error C++20 or later compatible compiler is required\n")
+    (tmp_path / "old" / "ATen").mkdir(parents=True)
+    (tmp_path / "old" / "ATen" / "ATen.h").write_text(
+        "#if __cplusplus < 201703L\n#error C++17 or later compatible compiler is required\n")
+    for folders, want in ((["empty", "new"], "c++20"), (["old", "new"], None), (["empty"], None)):
+        monkeypatch.setattr(cpp, "include_paths", lambda *a, f=folders: [str(tmp_path / d)
+                                                                       for d in f])
+        assert bck.required_cxx_standard() == want
 
 
 def test_a_setup_script_without_the_architecture_is_an_error():
@@ -129,6 +149,7 @@ def test_build_runs_pip_on_the_trimmed_source_with_the_force_switch(tmp_path, mo
 
     monkeypatch.setattr(bck.subprocess, "Popen", fake_popen)
     monkeypatch.setattr(bck, "find_cuda_home", lambda env: "/opt/cuda-x")
+    monkeypatch.setattr(bck, "required_cxx_standard", lambda: "c++20")
     with pytest.raises(bck.BuildError) as err:
         bck.build(str(tmp_path), str(wheels), "9.0", 10, str(tmp_path))
     message = str(err.value)
@@ -140,6 +161,10 @@ def test_build_runs_pip_on_the_trimmed_source_with_the_force_switch(tmp_path, mo
                                      "CUDA_HOME": "/opt/cuda-x"}
         assert {"--no-build-isolation", "--no-deps", "--no-index"} <= set(seen[name]["cmd"])
         assert run_setup(seen[name]["setup"]) == ["-gencode", "arch=compute_90,code=sm_90"]
+        scope = {"bare_metal_version": 13.0}
+        exec(seen[name]["setup"], scope)
+        assert scope["extra_compile_args"] == {"cxx": ["-O3", "-std=c++20"],
+                                               "nvcc": ["-std=c++20", "-O3"]}
     assert "dropped 3 -gencode targets" in (tmp_path / "build_mamba-ssm.log").read_text()
 
 
