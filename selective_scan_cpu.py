@@ -32,11 +32,11 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from selective_scan import _softplus, _work_dtype
+from selective_scan import _work_dtype
 
 # Channels per job: one AVX-512 vector or two AVX2 ones; a multiple of both keeps the inner
 # loop free of remainders.
-BLOCK = 16
+BLOCK = 64
 # Compiler flags: reassociation lets LLVM vectorise the sums over channels; contraction gives
 # FMAs. No 'nnan'/'ninf': inf and nan must propagate as in the other backends.
 _FAST = {"reassoc", "contract"}
@@ -44,6 +44,7 @@ _JIT = dict(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundsc
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
+_TWENTY = np.float32(20.0)
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)         # ln 2 split so that k * _LN2_HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -96,40 +97,80 @@ def _exp_overload(x):
     return exp32
 
 
+def _log1p(y):
+    """log(1 + y) for y in [0, 1], in y's precision, vectorisable in fp32."""
+    raise NotImplementedError("only callable from compiled code")
+
+
+@overload(_log1p, jit_options=_JIT)
+def _log1p_overload(y):
+    if y == types.float64:
+        return lambda y: math.log1p(y)
+    if y != types.float32:
+        return None
+
+    def log1p32(y):
+        # log(1 + y) = 2 atanh(s), s = y / (2 + y) <= 1/3: the odd series to s^13 leaves
+        # under 2e-8 relative (the next term is s^15 / 15).
+        s = y / (np.float32(2.0) + y)
+        s2 = s * s
+        p = np.float32(1.0 / 13.0)
+        p = p * s2 + np.float32(1.0 / 11.0)
+        p = p * s2 + np.float32(1.0 / 9.0)
+        p = p * s2 + np.float32(1.0 / 7.0)
+        p = p * s2 + np.float32(1.0 / 5.0)
+        p = p * s2 + np.float32(1.0 / 3.0)
+        return (s + s) * (p * s2) + (s + s)
+    return log1p32
+
+
+@numba.njit(**_JIT)
+def _softplus_sigmoid(x):
+    """softplus(x) (x itself above 20, as F.softplus) and its derivative sigmoid(x)."""
+    y = _exp(-abs(x))
+    sp = max(x, _ZERO) + _log1p(y)
+    sig = (_ONE if x >= _ZERO else y) / (_ONE + y)
+    return (x if x > _TWENTY else sp), sig
+
+
 # Indices are unsigned throughout the kernels: a signed index gets Python's negative-index
 # wraparound, a select per lane that turns every vector load into a gather. (uint64 with an
 # int literal would become float64 in Numba; hence the typed constants.)
 _U = np.uint64
 _U1 = np.uint64(1)
 _U2 = np.uint64(2)
-_UB = np.uint64(BLOCK)
 
 
 @numba.njit(**_JIT)
-def _forward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, out):
+def _forward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softplus, reverse,
+                  out):
     """Jobs [first, last) of the forward: job j is batch j // blocks, channels
-    BLOCK * (j % blocks) + [0, BLOCK). (B, L, E) arrays: u, dt, z, out; (N, E): a_t;
-    (B, L, N): b_t, c_t; (E,): d. z and d may be empty (no gate / no skip).
-    Plain indexing only: a slice in a loop costs an atomic reference count."""
+    block * (j % blocks) + [0, block). (B, L, E) arrays: u, delta (before bias and softplus),
+    z, out; (E,): bias, d; (N, E): a_t; (B, L, N): b_t, c_t. z and d may be empty (no gate /
+    no skip). Plain indexing only: a slice in a loop costs an atomic reference count."""
     length, states = _U(u.shape[1]), _U(a_t.shape[0])
-    blocks = _U(u.shape[2]) // _UB
+    width = _U(block)       # an argument, not a constant: LLVM would unroll, not vectorise
+    blocks = _U(u.shape[2]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
-    h = np.zeros((states, BLOCK), u.dtype)
-    y = np.empty(BLOCK, u.dtype)
+    h = np.zeros((states, width), u.dtype)
+    y = np.empty(width, u.dtype)
+    dt = np.empty(width, u.dtype)
     for job in range(_U(first), _U(last)):
-        b, e0 = job // blocks, (job % blocks) * _UB
+        b, e0 = job // blocks, (job % blocks) * width
         h[:] = 0
         for s in range(length):
             t = length - _U1 - s if reverse else s
-            y[:] = 0
+            for e in range(width):
+                x = delta[b, t, e0 + e] + bias[e0 + e]
+                dt[e] = _softplus_sigmoid(x)[0] if softplus else x
+                y[e] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
-                for e in range(_UB):
-                    dd = dt[b, t, e0 + e]
-                    hv = _exp(dd * a_t[n, e0 + e]) * h[n, e] + dd * u[b, t, e0 + e] * bn
+                for e in range(width):
+                    hv = _exp(dt[e] * a_t[n, e0 + e]) * h[n, e] + dt[e] * u[b, t, e0 + e] * bn
                     h[n, e] = hv
                     y[e] += hv * cn
-            for e in range(_UB):
+            for e in range(width):
                 yv = y[e]
                 if skip:
                     yv += d[e0 + e] * u[b, t, e0 + e]
@@ -140,39 +181,47 @@ def _forward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, out):
 
 
 @numba.njit(**_JIT)
-def _backward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, dout,
-                   du, ddt, dz, da, db, dc, dd_acc):
-    """Jobs [first, last) of the backward (job numbering as the forward). Writes du, ddt
-    (gradient w.r.t. the activated delta) and dz for its own channels; adds into this task's
-    da (N, E), db, dc (B, L, N) and dd_acc (E,)."""
+def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softplus, reverse,
+                   dout, du, ddelta, dz, da, db, dc, dd, dbias):
+    """Jobs [first, last) of the backward (arguments and job numbering as the forward).
+    Writes du, ddelta and dz for its own channels; adds into this task's da (N, E), db, dc
+    (B, L, N), dd and dbias (E,)."""
     length, states = _U(u.shape[1]), _U(a_t.shape[0])
-    blocks = _U(u.shape[2]) // _UB
+    width = _U(block)
+    blocks = _U(u.shape[2]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
     # Row s + 1 holds step s; row 0 (no earlier state) and row length + 1 (no later decay)
     # stay zero, so the first and last steps need no branches.
-    hs = np.zeros((length + _U2, states, BLOCK), u.dtype)
-    decays = np.zeros((length + _U2, states, BLOCK), u.dtype)
-    dys = np.empty((length, BLOCK), u.dtype)
-    g = np.empty((states, BLOCK), u.dtype)
-    y = np.empty(BLOCK, u.dtype)
-    g_b = np.empty(BLOCK, u.dtype)
-    g_dt = np.empty(BLOCK, u.dtype)
+    hs = np.zeros((length + _U2, states, width), u.dtype)
+    decays = np.zeros((length + _U2, states, width), u.dtype)
+    dts = np.empty((length, width), u.dtype)
+    dts_dx = np.empty((length, width), u.dtype)       # softplus' at step s
+    dys = np.empty((length, width), u.dtype)
+    g = np.empty((states, width), u.dtype)
+    y = np.empty(width, u.dtype)
+    g_b = np.empty(width, u.dtype)
+    g_dt = np.empty(width, u.dtype)
     for job in range(_U(first), _U(last)):
-        b, e0 = job // blocks, (job % blocks) * _UB
+        b, e0 = job // blocks, (job % blocks) * width
         # Re-run the forward, keeping every state and decay; then the gate's gradients.
         for s in range(length):
             t = length - _U1 - s if reverse else s
-            y[:] = 0
+            for e in range(width):
+                x = delta[b, t, e0 + e] + bias[e0 + e]
+                if softplus:
+                    dts[s, e], dts_dx[s, e] = _softplus_sigmoid(x)
+                else:
+                    dts[s, e], dts_dx[s, e] = x, _ONE
+                y[e] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
-                for e in range(_UB):
-                    dd = dt[b, t, e0 + e]
-                    dec = _exp(dd * a_t[n, e0 + e])
-                    hv = dec * hs[s, n, e] + dd * u[b, t, e0 + e] * bn
+                for e in range(width):
+                    dec = _exp(dts[s, e] * a_t[n, e0 + e])
+                    hv = dec * hs[s, n, e] + dts[s, e] * u[b, t, e0 + e] * bn
                     decays[s + _U1, n, e] = dec
                     hs[s + _U1, n, e] = hv
                     y[e] += hv * cn
-            for e in range(_UB):
+            for e in range(width):
                 go = dout[b, t, e0 + e]
                 if gate:
                     zv = z[b, t, e0 + e]
@@ -192,24 +241,26 @@ def _backward_jobs(first, last, u, dt, z, a_t, b_t, c_t, d, reverse, dout,
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
                 sum_b = sum_c = _ZERO
-                for e in range(_UB):
-                    dd = dt[b, t, e0 + e]
+                for e in range(width):
                     gv = dys[s, e] * cn + decays[s + _U2, n, e] * g[n, e]
                     g[n, e] = gv
                     g_b[e] += gv * bn
                     p = gv * decays[s + _U1, n, e] * hs[s, n, e]    # dL/d(dt A), this state
                     g_dt[e] += p * a_t[n, e0 + e]
-                    da[n, e0 + e] += p * dd
-                    sum_b += gv * dd * u[b, t, e0 + e]
+                    da[n, e0 + e] += p * dts[s, e]
+                    sum_b += gv * dts[s, e] * u[b, t, e0 + e]
                     sum_c += dys[s, e] * hs[s + _U1, n, e]
                 db[b, t, n] += sum_b
                 dc[b, t, n] += sum_c
-            for e in range(_UB):
-                ddt[b, t, e0 + e] = u[b, t, e0 + e] * g_b[e] + g_dt[e]
-                du[b, t, e0 + e] = dt[b, t, e0 + e] * g_b[e]
+            for e in range(width):
+                uv = u[b, t, e0 + e]
+                gx = (uv * g_b[e] + g_dt[e]) * dts_dx[s, e]
+                ddelta[b, t, e0 + e] = gx
+                dbias[e0 + e] += gx
+                du[b, t, e0 + e] = dts[s, e] * g_b[e]
                 if skip:
                     du[b, t, e0 + e] += d[e0 + e] * dys[s, e]
-                    dd_acc[e0 + e] += dys[s, e] * u[b, t, e0 + e]
+                    dd[e0 + e] += dys[s, e] * uv
 
 _POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
@@ -258,18 +309,16 @@ def _channels_last(t: torch.Tensor, work: torch.dtype, pad: int) -> torch.Tensor
 
 class _Inputs:
     """The kernels' view of one call: fp32 (fp64 for fp64 input), channel-minor, channels
-    padded to a multiple of BLOCK."""
+    padded with zeros to a multiple of BLOCK (a padded channel has u = 0 and so adds nothing)."""
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias):
         self.work = work = _work_dtype(u)
         self.batch, self.dim, self.length = u.shape
         self.pad = -self.dim % BLOCK
         self.u = _channels_last(u, work, self.pad)
-        dt_raw = delta.to(work).transpose(1, 2)                               # (B, L, E)
-        if delta_bias is not None:
-            dt_raw = dt_raw + delta_bias.to(work)
-        self.dt_raw = dt_raw
-        self.dt = _padded(_softplus(dt_raw) if delta_softplus else dt_raw, self.pad)
+        self.delta = _channels_last(delta, work, self.pad)
+        self.bias = (_padded(delta_bias.to(work), self.pad) if delta_bias is not None
+                     else u.new_zeros(self.dim + self.pad, dtype=work))
         self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E)
         self.b_t = B.to(work).transpose(1, 2).contiguous()                    # (B, L, N)
         self.c_t = C.to(work).transpose(1, 2).contiguous()
@@ -279,8 +328,9 @@ class _Inputs:
                   else torch.empty(0, 0, 0, dtype=work))
 
     def arrays(self) -> tuple:
-        return tuple(t.numpy() for t in (self.u, self.dt, self.z, self.a_t, self.b_t, self.c_t,
-                                         self.d))
+        """The kernels' arguments from ``block`` to ``d``."""
+        return (BLOCK,) + tuple(t.numpy() for t in (self.u, self.delta, self.bias, self.z,
+                                                    self.a_t, self.b_t, self.c_t, self.d))
 
     def jobs(self) -> int:
         return self.batch * (self.dim + self.pad) // BLOCK
@@ -291,45 +341,39 @@ class _Inputs:
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
+    """Saves only the inputs (as the caller passed them, so that the model's recompute hooks
+    recognise u and delta); the backward kernel re-runs the forward per job."""
+
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
         out = torch.empty_like(x.u)
-        arrays = x.arrays() + (bool(reverse), out.numpy())
-        ranges = _split(x.jobs(), torch.get_num_threads())
-        _run(_forward_jobs, ranges, lambda i: arrays)
-        ctx.flags = (delta_softplus, reverse)
+        flags = (bool(delta_softplus), bool(reverse))
+        arrays = x.arrays() + flags + (out.numpy(),)
+        _run(_forward_jobs, _split(x.jobs(), torch.get_num_threads()), lambda i: arrays)
+        ctx.flags = flags
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         return x.to_sequence(out, u)
 
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        delta_softplus, reverse = ctx.flags
-        x = _Inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
         g_out = _channels_last(dout, x.work, x.pad)
-        du, ddt = torch.empty_like(x.u), torch.empty_like(x.u)
-        dz = torch.empty_like(x.z)
+        du, ddelta, dz = torch.empty_like(x.u), torch.empty_like(x.u), torch.empty_like(x.z)
         ranges = _split(x.jobs(), torch.get_num_threads())
-        tasks = len(ranges)
-        states = x.a_t.shape[0]
-        da = x.u.new_zeros(tasks, *x.a_t.shape)
-        db = x.u.new_zeros(tasks, *x.b_t.shape)
-        dc = x.u.new_zeros(tasks, *x.c_t.shape)
-        dd = x.u.new_zeros(tasks, x.d.shape[0])
-        arrays = x.arrays() + (bool(reverse), g_out.numpy(), du.numpy(), ddt.numpy(), dz.numpy())
-        buffers = tuple(t.numpy() for t in (da, db, dc, dd))
-        _run(_backward_jobs, ranges, lambda i: arrays + tuple(buf[i] for buf in buffers))
-        ddt = ddt[..., :x.dim]
-        if delta_softplus:
-            ddt = ddt * torch.sigmoid(x.dt_raw)
-        ddelta = ddt.transpose(1, 2).to(delta.dtype)
-        dbias = None if delta_bias is None else ddt.sum((0, 1)).to(delta_bias.dtype)
-        dA = da.sum(0)[:, :x.dim].t().to(A.dtype)
-        dD = None if D is None else dd.sum(0)[:x.dim].to(D.dtype)
-        return (x.to_sequence(du, u), ddelta, dA, db.sum(0).transpose(1, 2).to(B.dtype),
-                dc.sum(0).transpose(1, 2).to(C.dtype), dD,
-                None if z is None else x.to_sequence(dz, z), dbias, None, None)
+        # Per-task sums (tasks share channels or batch rows), added up below.
+        sums = [x.u.new_zeros(len(ranges), *t.shape) for t in (x.a_t, x.b_t, x.c_t, x.bias,
+                                                                 x.bias)]
+        arrays = x.arrays() + ctx.flags + tuple(t.numpy() for t in (g_out, du, ddelta, dz))
+        _run(_backward_jobs, ranges,
+             lambda i: arrays + tuple(t[i].numpy() for t in sums))
+        da, db, dc, dd, dbias = (t.sum(0) for t in sums)
+        return (x.to_sequence(du, u), x.to_sequence(ddelta, delta),
+                da[:, :x.dim].t().to(A.dtype), db.transpose(1, 2).to(B.dtype),
+                dc.transpose(1, 2).to(C.dtype), None if D is None else dd[:x.dim].to(D.dtype),
+                None if z is None else x.to_sequence(dz, z),
+                None if delta_bias is None else dbias[:x.dim].to(delta_bias.dtype), None, None)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,

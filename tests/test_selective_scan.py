@@ -141,6 +141,20 @@ def test_compiled_no_softplus_and_two_threads(reverse):
         torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6, msg=f"grad of {name}")
 
 
+def test_kernel_softplus_and_its_derivative():
+    """The kernels' softplus (x itself above 20, as F.softplus) and sigmoid, fp32."""
+    fn = numba.njit(lambda x: ssc._softplus_sigmoid(x))
+    xs = np.concatenate([np.linspace(-100, 100, 20001), [-1e-6, 0.0, 1e-6, 19.99, 20.01]]
+                        ).astype(np.float32)
+    got = np.array([fn(x) for x in xs], dtype=np.float32)
+    x64 = torch.from_numpy(xs).double()
+    for col, want in ((0, torch.nn.functional.softplus(x64)), (1, torch.sigmoid(x64))):
+        want = want.float().numpy()
+        err = np.abs(got[:, col].astype(np.float64) - want)
+        # 4 ulp, or absolutely tiny where exp(-|x|) underflows below fp32's normal range
+        assert np.all(err <= np.maximum(4 * np.spacing(want), 1e-37)), col
+
+
 def test_split_covers_every_job_once():
     for jobs, threads in ((1, 2), (7, 2), (192, 2), (5, 1), (100, 3)):
         ranges = ssc._split(jobs, threads)
