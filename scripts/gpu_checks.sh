@@ -118,7 +118,8 @@ train() {
 
 {
     echo "gpu_checks.sh $(date -Is) on ${HOSTNAME:-?}, smoke=$SMOKE, budget ${BUDGET}s"
-    echo "commit: $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat SNAPSHOT 2>/dev/null)" \
+        "$(git status --porcelain 2>/dev/null | wc -l) changed files"
     if command -v nvidia-smi > /dev/null; then
         timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
         timeout 20 nvidia-smi
