@@ -75,3 +75,18 @@ def test_train_sampler_is_repeated_augmentation_only_with_several_ranks():
     args.world_size = 2
     assert isinstance(build_train_sampler(range(10), args).sampler, RASampler)
     assert isinstance(build_eval_sampler(range(10), args), ShardSampler)
+
+
+def test_copies_of_an_image_on_other_ranks_and_epochs_get_other_augmentation_seeds():
+    """Repeated augmentation only helps if each copy of an image is augmented differently."""
+    def epoch(rank, number):
+        sampler = SeededSampler(RASampler(range(20), 3, rank, seed=5), seed=5, rank=rank)
+        sampler.set_epoch(number)
+        return list(sampler)
+
+    ranks = [epoch(rank, 3) for rank in range(3)]
+    # RASampler deals the 3 copies of each image to the 3 ranks at the same position.
+    assert [i for i, _ in ranks[0]] == [i for i, _ in ranks[1]] == [i for i, _ in ranks[2]]
+    seeds = [{seed for _, seed in pairs} for pairs in ranks]
+    assert not (seeds[0] & seeds[1] or seeds[0] & seeds[2] or seeds[1] & seeds[2])
+    assert not seeds[0] & {seed for _, seed in epoch(0, 4)}
