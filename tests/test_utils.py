@@ -116,7 +116,7 @@ def test_check_shapes_names_the_keys():
 
 
 def test_mlflow_run_records_params_and_metrics(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    import mlflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     run = utils.MlflowRun(SimpleNamespace(output_dir="out/pt", model="m"), {"lr": 5e-4, "x": None})
