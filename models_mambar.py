@@ -12,18 +12,20 @@ The selective scan is pluggable (``selective_scan.py``); nothing here imports a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import pickle
 import re
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch.utils.checkpoint import checkpoint
 
 from selective_scan import (describe_backends, get_scan, load_causal_conv1d, requested_backend,
                             resolve_backend)
@@ -48,24 +50,38 @@ class RMSNorm(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches via a strided conv; the grid is fixed by the build-time img_size."""
+    """Non-overlapping patches via a strided conv. The grid is fixed by the build-time img_size
+    unless ``dynamic_img_size``, where any multiple of the patch size is accepted."""
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 dynamic_img_size: bool = False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"input size {img_size} is not a multiple of the patch size "
                              f"{patch_size}")
         self.img_size = img_size
         self.patch_size = patch_size
+        self.dynamic_img_size = dynamic_img_size
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
+    def grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        """The patch grid of an image batch; an input the model cannot take is a clear error."""
+        height, width = x.shape[-2:]
+        if not self.dynamic_img_size:
+            if (height, width) != (self.img_size, self.img_size):
+                raise ValueError(f"input is {height}x{width} but the model was built for "
+                                 f"{self.img_size}x{self.img_size}; build it with img_size="
+                                 f"{width} (and --finetune to resize pos_embed) or with "
+                                 f"dynamic_img_size=True")
+        elif height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"input is {height}x{width}, not a multiple of the patch size "
+                             f"{self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"input is {x.shape[-2]}x{x.shape[-1]} but the model was built for "
-                             f"{self.img_size}x{self.img_size}; build it with img_size="
-                             f"{x.shape[-1]} (and --finetune to resize pos_embed)")
+        self.grid(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -282,19 +298,26 @@ class Block(nn.Module):
             residual = hidden.float()
         else:
             residual = residual + self.drop_path(hidden).float()
-        return self.mixer(self.norm(residual)), residual
+        # The mixer runs in the dtype of its input (a bf16 model stays bf16); under autocast
+        # this is the cast in_proj would make anyway.
+        return self.mixer(self.norm(residual).to(hidden.dtype)), residual
 
 
 class VisionMambaBackbone(nn.Module):
-    """What Mamba® and Vim share: patch embedding, the block stack, norm_f and the init.
+    """What Mamba® and Vim share: patch embedding, the block stack, norm_f, the init, and the
+    timm model interface (classifier reset, dense features, any input size, checkpointing).
 
-    Subclasses decide the token layout (``embed_tokens``) and the read-out (``forward_head``).
+    Subclasses decide the token layout (``embed_tokens``, ``split_tokens``), how pos_embed fits
+    another patch grid (``fit_pos_embed``) and the read-out (``forward_head``).
     """
+
+    head_hidden_size: int
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 drop_block_rate: Optional[float] = None, scan_backend: Optional[str] = None):
+                 drop_block_rate: Optional[float] = None, scan_backend: Optional[str] = None,
+                 dynamic_img_size: bool = False):
         super().__init__()
         if drop_block_rate:
             raise ValueError("drop_block_rate is not supported by Mamba models")
@@ -302,7 +325,11 @@ class VisionMambaBackbone(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.depth = depth
         self.img_size = img_size
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim,
+                                      dynamic_img_size)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         block_rates = [0.0] + dpr
@@ -311,6 +338,9 @@ class VisionMambaBackbone(nn.Module):
             for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(embed_dim)
+        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
+        self._pos_embed_cache: Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]] = {}
         self.scan_backend = requested_backend(scan_backend)
         _report_backend_once(self.scan_backend)
 
@@ -336,39 +366,211 @@ class VisionMambaBackbone(nn.Module):
             with torch.no_grad():
                 out_proj /= math.sqrt(self.depth)
 
-    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    # ----------------------------------------------------------------- token layout (subclasses)
 
-    def forward_stream(self, x: torch.Tensor, return_residuals: bool = False
-                       ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Images -> norm_f(tokens) (B, T, D), and optionally the fp32 residual stream leaving
-        every block (r + h after block i, what block i+1 normalises), each (B, T, D)."""
-        hidden, residual = self.embed_tokens(x), None
-        stream = []
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
-            if return_residuals:
-                stream.append(residual + hidden.float())
-        return self.norm_f(residual + self.drop_path(hidden).float()), stream
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the input sequence of the first block (B, T, D)."""
+        raise NotImplementedError
 
     def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D) sequence -> patches in raster order (B, H*W, D), extra tokens (B, T-H*W, D)."""
         raise NotImplementedError
 
-    def forward_features(self, x: torch.Tensor, return_residuals: bool = False
-                         ) -> Dict[str, object]:
-        """Tokens for analysis, with no positions to hard-code: ``patch_tokens`` (B, H*W, D)
-        in raster order and ``register_tokens`` (B, n, D; Vim's class token as n = 1) after
-        norm_f; with ``return_residuals`` also ``residual_patch_tokens`` and
-        ``residual_register_tokens``, one fp32 tensor per block."""
-        tokens, stream = self.forward_stream(x, return_residuals)
+    def fit_pos_embed(self, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """A (square-grid) pos_embed of this model's kind resized to ``grid``."""
+        raise NotImplementedError
+
+    def pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """pos_embed for a patch grid: the parameter at the build grid, else resized exactly as
+        ``interpolate_pos_embed`` resizes a checkpoint, so that a ``dynamic_img_size`` model
+        gives what a model built for that size gives. While pos_embed is not being trained the
+        resized copy is kept, one per grid."""
+        if tuple(grid) == self.patch_embed.grid_size:
+            return self.pos_embed
+        if torch.is_grad_enabled() and self.pos_embed.requires_grad:
+            return self.fit_pos_embed(self.pos_embed, grid)
+        # In-place updates (optimizer steps, load_state_dict) move _version.
+        param = self.pos_embed
+        stamp = (param.data_ptr(), param._version, param.dtype, param.device)
+        cached = self._pos_embed_cache.get(tuple(grid))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self.fit_pos_embed(param.detach(), grid))
+            self._pos_embed_cache[tuple(grid)] = cached
+        return cached[1]
+
+    def interpolate_pos_embed(self, state_dict: Dict[str, torch.Tensor]
+                              ) -> Dict[str, torch.Tensor]:
+        """A copy of ``state_dict`` with pos_embed resized (bicubic) to this model's grid."""
+        state_dict = dict(state_dict)
+        if "pos_embed" in state_dict:
+            state_dict["pos_embed"] = self.fit_pos_embed(state_dict["pos_embed"],
+                                                         self.patch_embed.grid_size)
+        return state_dict
+
+    # ----------------------------------------------------------------- forward
+
+    def _block(self, layer: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and torch.is_grad_enabled() and hidden.requires_grad:
+            # Re-entrant: the block runs without a graph and is redone, graph and all, in the
+            # backward, where the mixer's own saved-tensor hooks (recompute) work unchanged.
+            # The non-reentrant variant saves through hooks that the mixer's hooks shadow, so
+            # what the scan and x_proj keep (and the in_proj output) would stay alive. The
+            # re-entrant one needs an input that requires grad, hence the test on hidden.
+            return checkpoint(layer, hidden, residual, use_reentrant=True)
+        return layer(hidden, residual)
+
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm_f(residual + self.drop_path(hidden).float()).to(hidden.dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> the sequence after norm_f (B, T, D), registers (Vim: the class token) in
+        their sequence slots; ``split_tokens`` separates them from the patches."""
+        hidden, residual = self.embed_tokens(x), None
+        for layer in self.layers:
+            hidden, residual = self._block(layer, hidden, residual)
+        return self._final_norm(hidden, residual)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features' sequence -> logits, or with ``pre_logits`` the classifier's
+        input (B, head_hidden_size)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor,
+                              indices: Optional[Union[int, List[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Dense features: the residual stream leaving the chosen blocks (what the next block
+        normalises, fp32; through norm_f with ``norm``), patch tokens only, in raster order:
+        (B, D, H, W) maps for ``"NCHW"``, (B, H*W, D) for ``"NLC"``; ``return_prefix_tokens``
+        pairs each with the registers (Vim: class token), (B, n, D). ``indices``: an int takes
+        the last n blocks, a list the blocks named (negative counts back), None all.
+
+        Returns (forward_features' output, intermediates), or the intermediates alone; with
+        ``stop_early`` or ``intermediates_only`` the blocks after the last one taken are
+        skipped.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt {output_fmt!r} is not 'NCHW' or 'NLC'")
+        take, last = take_indices(len(self.layers), indices)
+        grid = self.patch_embed.grid(x)
+        layers = self.layers[:last + 1] if stop_early or intermediates_only else self.layers
+        hidden, residual = self.embed_tokens(x), None
+        intermediates = []
+        for i, layer in enumerate(layers):
+            hidden, residual = self._block(layer, hidden, residual)
+            if i in take:
+                stream = residual + hidden.float()
+                patches, prefix = self.split_tokens(self.norm_f(stream) if norm else stream)
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(patches.shape[0], *grid, -1)
+                    patches = patches.permute(0, 3, 1, 2).contiguous()
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self._final_norm(hidden, residual), intermediates
+
+    def forward_tokens(self, x: torch.Tensor, return_residuals: bool = False
+                       ) -> Dict[str, object]:
+        """Tokens by name, for analysis: ``patch_tokens`` (B, H*W, D) in raster order and
+        ``register_tokens`` (B, n, D; Vim's class token as n = 1) after norm_f; with
+        ``return_residuals`` also ``residual_patch_tokens`` and ``residual_register_tokens``,
+        the fp32 residual stream leaving each block."""
+        if return_residuals:
+            tokens, stream = self.forward_intermediates(x, return_prefix_tokens=True,
+                                                        output_fmt="NLC")
+        else:
+            tokens, stream = self.forward_features(x), []
         patches, registers = self.split_tokens(tokens)
         out = {"patch_tokens": patches, "register_tokens": registers}
         if return_residuals:
-            split = [self.split_tokens(r) for r in stream]
-            out["residual_patch_tokens"] = [p for p, _ in split]
-            out["residual_register_tokens"] = [r for _, r in split]
+            out["residual_patch_tokens"] = [p for p, _ in stream]
+            out["residual_register_tokens"] = [r for _, r in stream]
         return out
+
+    # ----------------------------------------------------------------- timm model interface
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        """A classifier initialised as the official code initialises its head, on the model's
+        device, in its dtype and train/eval mode."""
+        if num_classes <= 0:
+            return nn.Identity().train(self.training)
+        like = self.patch_embed.proj.weight
+        head = nn.Linear(self.head_hidden_size, num_classes, device=like.device,
+                         dtype=like.dtype)
+        trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head.train(self.training)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes``; 0 leaves none, so forward returns the
+        pre-logits features. Mamba®'s neck stays. There is no pooling to change (the head
+        reads registers or the class token), hence only ``global_pool=None``."""
+        if global_pool is not None:
+            raise ValueError(f"global_pool={global_pool!r}: {type(self).__name__} has no "
+                             f"pooling to change")
+        self.num_classes = num_classes
+        self.head = self._new_head(num_classes)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True
+                                  ) -> List[int]:
+        """Keep only what ``forward_intermediates(indices=...)`` needs (timm's features_only
+        wrapper calls this); returns the absolute block indices."""
+        take, last = take_indices(len(self.layers), indices)
+        self.layers = self.layers[:last + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self._prune_head()
+        return take
+
+    def _prune_head(self) -> None:
+        self.reset_classifier(0)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Redo each block's forward in the backward instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """Parameter groups by depth, for layer-wise learning-rate decay."""
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed",
+                "blocks": [(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))]}
+
+
+def take_indices(depth: int, indices: Optional[Union[int, Sequence[int]]]
+                 ) -> Tuple[List[int], int]:
+    """timm's block selection: None all, an int the last n, a list those blocks (negative
+    counts back). Returns the absolute indices and the largest."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"cannot take the last {indices} of {depth} blocks")
+        take = list(range(depth - indices, depth))
+    else:
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad or not indices:
+            raise ValueError(f"block indices {list(indices)} are not in 0..{depth - 1}")
+        take = [i % depth for i in indices]
+    return take, max(take)
+
+
+class TokenLayout(NamedTuple):
+    """Where Mamba®'s tokens sit for one number of patches."""
+    order: torch.Tensor      # sequence slot -> index into cat([patches, registers])
+    registers: torch.Tensor  # sequence slots of the registers, in register order
+    patches: torch.Tensor    # sequence slots of the patches, in raster order
 
 
 class MambaR(VisionMambaBackbone):
@@ -376,80 +578,88 @@ class MambaR(VisionMambaBackbone):
 
     With N patches and L = N // (n + 1) the sequence is
     ``L patches, R0, L patches, R1, ..., L patches, R(n-1), the remaining patches``.
-    The layout is fixed by ``img_size`` when the model is built.
+    The layout follows the input's grid (the build-time ``img_size`` unless
+    ``dynamic_img_size``).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  num_registers: int = 12, neck_reduction: int = 1, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, drop_block_rate: Optional[float] = None,
-                 scan_backend: Optional[str] = None):
+                 scan_backend: Optional[str] = None, dynamic_img_size: bool = False):
         super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth,
-                         drop_rate, drop_path_rate, drop_block_rate, scan_backend)
+                         drop_rate, drop_path_rate, drop_block_rate, scan_backend,
+                         dynamic_img_size)
         self.num_registers = num_registers
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
         self.pos_embed_cls = nn.Parameter(torch.zeros(1, num_registers, embed_dim))
-
-        positions = register_positions(num_patches, num_registers)
-        slots = range(num_patches + num_registers)
-        patch_slots = [i for i in slots if i not in set(positions)]
-        # Sequence slot -> index into cat([patches, registers]); used to lay out the tokens.
-        order = [0] * len(slots)
-        for patch, slot in enumerate(patch_slots):
-            order[slot] = patch
-        for k, slot in enumerate(positions):
-            order[slot] = num_patches + k
-        self.register_buffer("token_order", torch.tensor(order), persistent=False)
-        self.register_buffer("register_index", torch.tensor(positions), persistent=False)
-        self.register_buffer("patch_index", torch.tensor(patch_slots), persistent=False)
+        self._layouts: Dict[Tuple[int, torch.device], TokenLayout] = {}
 
         self.neck_reduction = neck_reduction
-        head_dim = num_registers * embed_dim // neck_reduction
+        self.head_hidden_size = num_registers * embed_dim // neck_reduction
+        # Without a reduction there is no neck (nothing in the released Tiny state dict).
         if neck_reduction > 1:
             self.neck = nn.Linear(embed_dim, embed_dim // neck_reduction, bias=False)
-            self.norm_neck = RMSNorm(head_dim)
-        self.head = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.norm_neck = RMSNorm(self.head_hidden_size)
+        else:
+            self.neck = self.norm_neck = nn.Identity()
+        self.head = (nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0
+                     else nn.Identity())
 
-        head_modules = [m for m in (getattr(self, "neck", None), self.head)
-                        if isinstance(m, nn.Linear)]
+        head_modules = [m for m in (self.neck, self.head) if isinstance(m, nn.Linear)]
         self._init_weights(head_modules, [self.pos_embed, self.cls_token, self.pos_embed_cls])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token", "pos_embed_cls"}
 
+    def token_layout(self, num_patches: int, device: Optional[torch.device] = None
+                     ) -> TokenLayout:
+        """The even-insertion layout for ``num_patches`` patches, kept per size and device."""
+        device = torch.device("cpu") if device is None else device
+        layout = self._layouts.get((num_patches, device))
+        if layout is None:
+            positions = register_positions(num_patches, self.num_registers)
+            taken = set(positions)
+            patch_slots = [i for i in range(num_patches + self.num_registers) if i not in taken]
+            order = [0] * (num_patches + self.num_registers)
+            for patch, slot in enumerate(patch_slots):
+                order[slot] = patch
+            for k, slot in enumerate(positions):
+                order[slot] = num_patches + k
+            layout = TokenLayout(*(torch.tensor(v, device=device)
+                                   for v in (order, positions, patch_slots)))
+            self._layouts[(num_patches, device)] = layout
+        return layout
+
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.pos_drop(self.patch_embed(x) + self.pos_embed)
+        grid = self.patch_embed.grid(x)
+        patches = self.pos_drop(self.patch_embed(x) + self.pos_embed_for(grid))
         registers = (self.cls_token + self.pos_embed_cls).expand(x.shape[0], -1, -1)
-        return torch.cat([patches, registers.to(patches.dtype)], dim=1)[:, self.token_order]
+        order = self.token_layout(patches.shape[1], x.device).order
+        return torch.cat([patches, registers.to(patches.dtype)], dim=1)[:, order]
 
     def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, N + n, D) sequence -> patches in raster order (B, N, D), registers (B, n, D)."""
-        return tokens[:, self.patch_index], tokens[:, self.register_index]
+        layout = self.token_layout(tokens.shape[1] - self.num_registers, tokens.device)
+        return tokens[:, layout.patches], tokens[:, layout.registers]
 
-    def forward_head(self, registers: torch.Tensor) -> torch.Tensor:
-        """Register recycling: (neck per register ->) flatten in sequence order (-> norm_neck)
-        -> head."""
-        if self.neck_reduction > 1:
-            registers = self.norm_neck(self.neck(registers).flatten(1))
-        else:
-            registers = registers.flatten(1)
-        return self.head(registers)
+    def fit_pos_embed(self, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        return resize_pos_embed(pos_embed, grid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.forward_stream(x)
-        return self.forward_head(tokens[:, self.register_index])
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Register recycling: the registers of forward_features' sequence, (neck per
+        register ->) flattened in register order (-> norm_neck) -> head."""
+        registers = x[:, self.token_layout(x.shape[1] - self.num_registers, x.device).registers]
+        features = self.norm_neck(self.neck(registers).flatten(1))
+        return features if pre_logits else self.head(features)
 
-    def interpolate_pos_embed(self, state_dict: Dict[str, torch.Tensor]
-                              ) -> Dict[str, torch.Tensor]:
-        """A copy of ``state_dict`` with pos_embed resized (bicubic) to this model's grid."""
-        state_dict = dict(state_dict)
-        if "pos_embed" in state_dict:
-            state_dict["pos_embed"] = resize_pos_embed(state_dict["pos_embed"],
-                                                       self.patch_embed.grid_size)
-        return state_dict
+    def _prune_head(self) -> None:
+        self.neck = self.norm_neck = nn.Identity()
+        self.head_hidden_size = self.num_registers * self.embed_dim
+        self.reset_classifier(0)
 
 
 def register_positions(num_patches: int, num_registers: int) -> List[int]:
@@ -588,21 +798,45 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionMamba
 
 def pretrained_cfg(**kwargs) -> dict:
     """timm pretrained config shared by the Mamba® and Vim registrations."""
-    return {"num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-            "crop_pct": 1.0, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj",
-            "classifier": "head", **kwargs}
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "fixed_input_size": True,
+            "pool_size": None, "crop_pct": 1.0, "interpolation": "bicubic",
+            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+
+
+def create_backbone(model_cls: type, variant: str, pretrained: bool = False, **kwargs
+                    ) -> nn.Module:
+    """``build_model_with_cfg`` plus what timm's factory expects of a model: ``device`` and
+    ``dtype``, ``features_only=True`` through ``forward_intermediates`` (the last three blocks
+    unless ``out_indices``, as timm's ViT), and no ``fixed_input_size`` in the config of a
+    ``dynamic_img_size`` model."""
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    kwargs.setdefault("img_size", 224)
+    if kwargs.get("dynamic_img_size"):
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "fixed_input_size": False}
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = build_model_with_cfg(model_cls, variant, pretrained,
+                                     pretrained_filter_fn=checkpoint_filter_fn,
+                                     feature_cfg=dict(out_indices=3, feature_cls="getter"),
+                                     **kwargs)
+    return model if dtype is None else model.to(dtype)
 
 
 # The authors' released weights (as linked from their repository, wangf3014/Mamba-Reg);
 # Tiny has none. pretrained=True downloads them through timm; offline, pass
 # pretrained_cfg_overlay=dict(file="/path/to/mambar_base_patch16_224.pth").
 _RELEASES = "https://huggingface.co/Wangf3014/Mamba-Reg/resolve/main"
+_PAPER = dict(paper_ids="arXiv:2405.14858",
+              paper_name="Vision Mamba ALSO Needs Registers (CVPR 2025)",
+              origin_url="https://github.com/wangf3014/Mamba-Reg",
+              # Neither the repository nor the weights' page names a license.
+              license="unspecified")
 default_cfgs = generate_default_cfgs({
-    "mambar_tiny_patch16_224": pretrained_cfg(),
-    "mambar_small_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_small_patch16_224.pth"),
-    "mambar_base_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_base_patch16_224.pth"),
-    "mambar_large_patch16_224": pretrained_cfg(url=f"{_RELEASES}/mambar_large_patch16_224.pth"),
+    "mambar_tiny_patch16_224": pretrained_cfg(**_PAPER),
+    **{name: pretrained_cfg(url=f"{_RELEASES}/{name}.pth", **_PAPER)
+       for name in ("mambar_small_patch16_224", "mambar_base_patch16_224",
+                    "mambar_large_patch16_224")},
 })
 
 _SIZES = {
@@ -616,10 +850,7 @@ _SIZES = {
 
 
 def _create_mambar(variant: str, pretrained: bool = False, **kwargs) -> MambaR:
-    kwargs.setdefault("img_size", 224)
-    kwargs = {**_SIZES[variant], **kwargs}
-    return build_model_with_cfg(MambaR, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return create_backbone(MambaR, variant, pretrained, **{**_SIZES[variant], **kwargs})
 
 
 @register_model

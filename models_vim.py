@@ -16,29 +16,32 @@ files load with strict=True and Vim's training commands run unchanged.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from models_mambar import (VisionMambaBackbone, checkpoint_filter_fn, pretrained_cfg,
-                           resize_pos_embed)
+from models_mambar import VisionMambaBackbone, create_backbone, pretrained_cfg, resize_pos_embed
 
 __all__ = ["Vim"]
 
 
 class Vim(VisionMambaBackbone):
-    """Vim with a middle class token; the layout is fixed by ``img_size`` when built."""
+    """Vim with a middle class token; the layout follows the input's grid (the build-time
+    ``img_size`` unless ``dynamic_img_size``)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 24,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 drop_block_rate: Optional[float] = None, scan_backend: Optional[str] = None):
+                 drop_block_rate: Optional[float] = None, scan_backend: Optional[str] = None,
+                 dynamic_img_size: bool = False):
         super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth,
-                         drop_rate, drop_path_rate, drop_block_rate, scan_backend)
+                         drop_rate, drop_path_rate, drop_block_rate, scan_backend,
+                         dynamic_img_size)
         num_patches = self.patch_embed.num_patches
         self.cls_position = num_patches // 2
+        self.head_hidden_size = embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -51,48 +54,41 @@ class Vim(VisionMambaBackbone):
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Insert the class token at N // 2, then add pos_embed to all N + 1 tokens."""
+        grid = self.patch_embed.grid(x)
         patches = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(patches.dtype)
-        mid = self.cls_position
+        mid = patches.shape[1] // 2
         tokens = torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
-        return self.pos_drop(tokens + self.pos_embed)
+        return self.pos_drop(tokens + self.pos_embed_for(grid))
 
     def split_tokens(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, N + 1, D) sequence -> patches in raster order (B, N, D), class token (B, 1, D)."""
-        mid = self.cls_position
+        mid = (tokens.shape[1] - 1) // 2
         patches = torch.cat([tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
         return patches, tokens[:, mid:mid + 1]
 
-    def forward_head(self, cls: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D) class token output of norm_f -> logits."""
-        return self.head(cls.flatten(1))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The class token of forward_features' sequence -> head."""
+        cls = x[:, (x.shape[1] - 1) // 2]
+        return cls if pre_logits else self.head(cls)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens, _ = self.forward_stream(x)
-        return self.head(tokens[:, self.cls_position])
-
-    def interpolate_pos_embed(self, state_dict: Dict[str, torch.Tensor]
-                              ) -> Dict[str, torch.Tensor]:
-        """A copy of ``state_dict`` with pos_embed fitted to this model's grid.
-
-        The class slot sits mid-sequence, not first (where DeiT-style resizing, and Vim's own
+    def fit_pos_embed(self, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """The class slot sits mid-sequence, not first (where DeiT-style resizing, and Vim's own
         ``--finetune`` code, assume it): take it out at the source's N // 2, resize the patch
-        grid bicubically, and put it back unchanged at this model's N // 2.
+        grid bicubically, and put it back unchanged at the new N // 2.
         """
-        state_dict = dict(state_dict)
-        pos_embed = state_dict.get("pos_embed")
-        if pos_embed is None or pos_embed.shape == self.pos_embed.shape:
-            return state_dict
-        if math.isqrt(pos_embed.shape[1] - 1) ** 2 != pos_embed.shape[1] - 1:
+        side = math.isqrt(pos_embed.shape[1] - 1)
+        if side * side != pos_embed.shape[1] - 1:
             raise ValueError(f"pos_embed has {pos_embed.shape[1]} positions, not a square "
                              f"grid plus a class slot")
-        src_mid = (pos_embed.shape[1] - 1) // 2
+        if (side, side) == tuple(grid):
+            return pos_embed
+        src_mid = side * side // 2
         cls = pos_embed[:, src_mid:src_mid + 1]
         patches = torch.cat([pos_embed[:, :src_mid], pos_embed[:, src_mid + 1:]], dim=1)
-        patches = resize_pos_embed(patches, self.patch_embed.grid_size)
-        mid = self.cls_position
-        state_dict["pos_embed"] = torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
-        return state_dict
+        patches = resize_pos_embed(patches, grid)
+        mid = grid[0] * grid[1] // 2
+        return torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
 
 
 # --------------------------------------------------------------------------- registry
@@ -109,14 +105,17 @@ _SIZES = {
 _ALIASES = {"vim_tiny_patch16_224": _TINY, "vim_small_patch16_224": _SMALL,
             "vim_base_patch16_224": _BASE}
 
-default_cfgs = generate_default_cfgs({name: pretrained_cfg() for name in [*_SIZES, *_ALIASES]})
+_PAPER = dict(paper_ids="arXiv:2401.09417",
+              paper_name="Vision Mamba: Efficient Visual Representation Learning with "
+                         "Bidirectional State Space Model (ICML 2024)",
+              origin_url="https://github.com/hustvl/Vim")
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(**_PAPER)
+                                      for name in [*_SIZES, *_ALIASES]})
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> Vim:
-    kwargs.setdefault("img_size", 224)
-    kwargs = {**_SIZES[_ALIASES.get(variant, variant)], **kwargs}
-    return build_model_with_cfg(Vim, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    sizes = _SIZES[_ALIASES.get(variant, variant)]
+    return create_backbone(Vim, variant, pretrained, **{**sizes, **kwargs})
 
 
 @register_model

@@ -1,6 +1,5 @@
 """Vim baseline: released checkpoint layout, middle class token, pos_embed, training sanity."""
 import json
-import os
 import pathlib
 
 import pytest
@@ -11,9 +10,8 @@ import torch.nn.functional as F
 import models_mambar as mm
 import models_vim as mv
 
-SPEC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "spec"
-if not SPEC.exists():
-    SPEC = pathlib.Path(os.environ.get("MAMBAR_SPEC_DIR", "../shared/spec"))
+# A copy of the spec's vim_state_dict_layout.json: Vim's released checkpoints' keys and shapes.
+LAYOUT = pathlib.Path(__file__).resolve().parent / "data" / "vim_state_dict_layout.json"
 RELEASED = {
     "vim_tiny_patch16_224": mv._TINY,
     "vim_small_patch16_224": mv._SMALL,
@@ -29,11 +27,8 @@ def small_vim(img_size=32, **kwargs):
 
 @pytest.mark.parametrize("alias", list(RELEASED))
 def test_layout_matches_released_checkpoints(alias):
-    layout_file = SPEC / "vim_state_dict_layout.json"
-    if not layout_file.exists():
-        pytest.skip(f"spec not found at {layout_file}")
     name = RELEASED[alias]
-    layout = json.loads(layout_file.read_text())[name]
+    layout = json.loads(LAYOUT.read_text())[name]
     for model_name in (name, alias):
         with torch.device("meta"):
             model = timm.create_model(model_name, pretrained=False, num_classes=1000,
@@ -72,9 +67,9 @@ def test_class_token_in_the_middle_then_one_pos_embed(img_size):
     logits = model(x)
     hook.remove()
     torch.testing.assert_close(logits, model.head(seen["out"][:, mid]))
-    feats = model.forward_features(x, return_residuals=True)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x)), logits)
+    feats = model.forward_tokens(x, return_residuals=True)
     torch.testing.assert_close(feats["register_tokens"][:, 0], seen["out"][:, mid])
-    torch.testing.assert_close(model.forward_head(feats["register_tokens"]), logits)
     assert feats["patch_tokens"].shape == (2, n, 192)
     assert len(feats["residual_patch_tokens"]) == 2
     torch.testing.assert_close(model.norm_f(feats["residual_register_tokens"][-1]),
@@ -158,3 +153,79 @@ def test_trains_a_step_and_overfits_a_batch():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
     assert loss.item() < first / 20
+
+
+def test_timm_contract_and_reset_classifier():
+    with torch.device("meta"):
+        model = timm.create_model("vim_small_patch16_224")
+    assert model.num_features == model.head_hidden_size == 384
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["fixed_input_size"] is True
+    assert cfg["paper_ids"] == "arXiv:2401.09417" and cfg["classifier"] == "head"
+    assert [f["module"] for f in model.feature_info] == [f"layers.{i}" for i in range(24)]
+    assert {(f["num_chs"], f["reduction"]) for f in model.feature_info} == {(384, 16)}
+
+    model = small_vim(img_size=48).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        assert tokens.shape == (2, 10, 32)
+        pre = model.forward_head(tokens, pre_logits=True)
+        torch.testing.assert_close(pre, tokens[:, 4])     # the class slot, 9 // 2
+        torch.testing.assert_close(model(x), model.head(pre))
+        model.reset_classifier(3)
+        assert model.get_classifier().weight.shape == (3, 32)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pre)
+
+
+@pytest.mark.parametrize("side", [4, 3])
+def test_forward_intermediates_drop_the_class_token(side):
+    model = small_vim(img_size=16 * side, depth=2).eval()
+    n = side * side
+    x = torch.randn(2, 3, 16 * side, 16 * side)
+    streams = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda mod, inp, out: streams.append(out[1] + out[0]))
+    with torch.no_grad():
+        (maps, cls), = model.forward_intermediates(x, indices=[1], return_prefix_tokens=True,
+                                                   intermediates_only=True)
+    stream = streams[1]
+    assert maps.shape == (2, 32, side, side) and cls.shape == (2, 1, 32)
+    for p in range(n):
+        slot = p if p < n // 2 else p + 1
+        torch.testing.assert_close(maps[:, :, p // side, p % side], stream[:, slot])
+    torch.testing.assert_close(cls[:, 0], stream[:, n // 2])
+
+
+@pytest.mark.parametrize("size", [32, 96])
+def test_dynamic_img_size_equals_a_model_built_for_that_size(size):
+    dynamic = small_vim(img_size=64, dynamic_img_size=True).eval()
+    built = small_vim(img_size=size).eval()
+    built.load_state_dict(built.interpolate_pos_embed(dynamic.state_dict()))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), built(x), rtol=0, atol=0)
+    assert not dynamic.pretrained_cfg["fixed_input_size"]
+
+
+def test_features_only_and_grad_checkpointing():
+    torch.manual_seed(0)
+    features = small_vim(img_size=64, depth=3, features_only=True, out_indices=[0, 2]).eval()
+    assert features.feature_info.channels() == [32, 32]
+    assert features.feature_info.reduction() == [16, 16]
+    maps = features(torch.randn(1, 3, 64, 64))
+    assert [m.shape for m in maps] == [(1, 32, 4, 4)] * 2
+
+    torch.manual_seed(0)
+    model = small_vim(depth=2, drop_path_rate=0.3)
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
