@@ -74,6 +74,10 @@ def get_args_parser():
     parser.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate")
     parser.add_argument("--drop-path", type=float, default=0.1, metavar="PCT",
                         help="drop path rate")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="redo each block's forward in the backward instead of keeping its "
+                             "activations (for Large or high resolution; about one more "
+                             "forward per step)")
     parser.add_argument("--model-ema", action="store_true",
                         help="keep an EMA of the weights and evaluate it too (default)")
     parser.add_argument("--no-model-ema", action="store_false", dest="model_ema")
@@ -290,12 +294,15 @@ def build_model(args):
     # The same initial weights whatever the number of processes.
     utils.seed_everything(args.seed)
     try:
-        return timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes,
-                                 drop_rate=args.drop, drop_path_rate=args.drop_path,
-                                 drop_block_rate=None, img_size=args.input_size)
+        model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes,
+                                  drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                  drop_block_rate=None, img_size=args.input_size)
     except ValueError as err:
         raise utils.UserError(f"cannot build {args.model} for --input-size {args.input_size}: "
                               f"{err}") from None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
 
 
 def load_finetune(model, args):

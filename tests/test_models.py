@@ -720,3 +720,13 @@ def test_grad_checkpointing_with_frozen_embeddings_still_trains_the_blocks():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_main_grad_checkpointing_flag():
+    import main
+    parser = main.get_args_parser()
+    for argv, expected in (([], False), (["--grad-checkpointing"], True)):
+        args = parser.parse_args(["--model", "mambar_tiny_patch16_224", "--input-size", "32",
+                                  *argv])
+        args.nb_classes = 5
+        assert main.build_model(args).grad_checkpointing is expected
