@@ -390,6 +390,19 @@ def _is_scan_event(name: str) -> bool:
     return name == SCAN_RANGE or bool(_SCAN_BACKWARD.search(name))
 
 
+def top_kernels(kernels: Sequence[Any], steps: int, n: int = 15) -> List[Tuple[str, float, int]]:
+    """The ``n`` kernel names with the most device time: (name, ms per step, launches per
+    step), names cut to 90 characters. What a step spends outside the scan is read here."""
+    totals: Dict[str, List[float]] = {}
+    for kernel in kernels:
+        entry = totals.setdefault(kernel.name[:90], [0.0, 0])
+        entry[0] += kernel.time_range.elapsed_us()
+        entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:n]
+    return [(name, round(us / steps / 1e3, 3), round(count / steps)) for name, (us, count)
+            in ranked]
+
+
 def measure_scan_share(step: Callable[[], None], device: torch.device, steps: int
                        ) -> Dict[str, Any]:
     """Share of a training step spent in the selective scan, from ``torch.profiler``.
@@ -456,7 +469,8 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
         result.update(basis="cuda kernel time", kernel_ms=kernel_us / steps / 1e3,
                       share=scan_us / kernel_us if kernel_us else None,
                       share_of_step=scan_us / wall_us,
-                      share_by_kernel_name=named_us / kernel_us if kernel_us else None)
+                      share_by_kernel_name=named_us / kernel_us if kernel_us else None,
+                      top_kernels=top_kernels(kernels, steps))
     else:
         result.update(basis="cpu wall time", share=scan_us / wall_us)
     return result
@@ -789,17 +803,21 @@ def check_targets(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         targets.append({"issue": issue, "name": name, "value": round(value, 3),
                         "target": target, "ok": passed})
 
-    # Issue 2: Tiny, 224 px, batch 8, fp32 on CPU: torch backend against the mambapy scan.
-    for mode, need in (("train", 5.0), ("infer", 3.0)):
+    # Issues 2 and 16 (the compiled CPU scan): Tiny, 224 px, batch 8, fp32 on CPU: torch
+    # backend against the mambapy scan.
+    for issue, mode, need in ((2, "train", 5.0), (2, "infer", 3.0), (16, "train", 10.0),
+                              (16, "infer", 10.0)):
         pick = {r["backend"]: r for r in ok if r["device"] == "cpu" and r["mode"] == mode
                 and r["model"] == "mambar_tiny_patch16_224" and r["img_size"] == 224
                 and r["batch"] == 8 and r["dtype"] == "fp32"}
         if "torch" in pick and "mambapy" in pick:
             ours, base = pick["torch"], pick["mambapy"]
-            add(2, f"{mode} speedup over the mambapy scan", ours["img_per_s"] /
+            add(issue, f"{mode} speedup over the mambapy scan", ours["img_per_s"] /
                 base["img_per_s"], f">= {need:g}x", ours["img_per_s"] >= need * base["img_per_s"])
-            add(2, f"{mode} peak RSS, MiB (mambapy: {base['peak_mem_mb']:.0f})",
-                ours["peak_mem_mb"], "<= mambapy's", ours["peak_mem_mb"] <= base["peak_mem_mb"])
+            if issue == 2:
+                add(2, f"{mode} peak RSS, MiB (mambapy: {base['peak_mem_mb']:.0f})",
+                    ours["peak_mem_mb"], "<= mambapy's",
+                    ours["peak_mem_mb"] <= base["peak_mem_mb"])
 
     # Issue 5: Base, bf16 autocast, training step, CUDA, Triton backend, against DeiT-B.
     def base_rows(family_model: str, backend: str) -> Dict[Tuple[int, int], Dict[str, Any]]:

@@ -269,6 +269,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
                   f"b{r['batch']}: {share if share is None else f'{100 * share:.1f}%'} "
                   f"({s['basis']}; u, delta redone: {s.get('recompute_ms', 0):.2f} ms/step), "
                   f"by kernel name: {s.get('share_by_kernel_name')}")
+            for name, ms, launches in s.get("top_kernels", []):
+                print(f"    {ms:8.3f} ms/step {launches:6d}x  {name}")
 EOF
     echo
     echo "== Triton autotuning as printed when tuned (the JSON lines above also list choices"

@@ -229,3 +229,16 @@ def test_cuda_peak_memory_counts_the_timed_steps_only(monkeypatch):
     first, times = benchmark.time_steps(lambda: log.append("step"), 2, 3, torch.device("cuda"))
     assert log == ["step", "step", "reset", "step", "step", "step"]
     assert len(times) == 3 and first >= 0
+
+
+def test_top_kernels_rank_names_by_device_time_per_step():
+    def kernel(name, us):
+        return types.SimpleNamespace(name=name, time_range=types.SimpleNamespace(
+            elapsed_us=lambda: us))
+    # Two steps: "gemm" 2 x 300 us, "scan" 2 x 250 us + 1 x 50 us, "copy" 4 x 10 us.
+    kernels = [kernel("gemm", 300), kernel("scan", 250), kernel("copy", 10), kernel("copy", 10),
+               kernel("scan", 250), kernel("gemm", 300), kernel("scan", 50),
+               kernel("copy", 10), kernel("copy", 10), kernel("x" * 200, 4)]
+    assert benchmark.top_kernels(kernels, steps=2, n=3) == [
+        ("gemm", 0.3, 1), ("scan", 0.275, 2), ("copy", 0.02, 2)]
+    assert benchmark.top_kernels(kernels, steps=2)[-1] == ("x" * 90, 0.002, 0)
