@@ -418,3 +418,8 @@ def describe_backends(name: str) -> str:
     return (f"scan backend '{name}': CUDA tensors -> {gpu}, CPU tensors -> {cpu} "
             f"(mamba-ssm kernels {'found' if cuda_kernels_available() else 'not installed'}, "
             f"triton {'found' if triton_available() else 'not installed'})")
+
+
+# Loaded now rather than at the first scan: Numba's import looks ``print`` up by name among the
+# builtins and fails once something has replaced it, as main.py does to silence other ranks.
+_load_cpu_scan()

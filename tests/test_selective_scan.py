@@ -1,4 +1,6 @@
 """The selective-scan backends against the sequential oracle."""
+import pathlib
+import subprocess
 import sys
 import types
 
@@ -10,6 +12,7 @@ import torch
 import selective_scan as ss
 import selective_scan_cpu as ssc
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
@@ -248,6 +251,17 @@ def test_torch_backend_runs_the_compiled_scan_on_cpu(monkeypatch):
     args = make_inputs()
     ss.selective_scan_torch(*args, True, False)
     assert len(calls) == 1
+
+
+def test_compiled_scan_survives_print_being_replaced():
+    """main.py silences print on other ranks by replacing builtins.print; Numba's import fails
+    after that, so the compiled scan must already be loaded by then (a fresh process, as
+    torchrun starts)."""
+    code = ("import selective_scan, utils, sys; utils.setup_for_distributed(False); "
+            "sys.exit(0 if selective_scan.compiled_cpu_scan_available() else 3)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_fallback_to_the_loop_without_numba(monkeypatch):
