@@ -30,10 +30,12 @@ LOGS=$(mktemp -d)  # everything but summary.txt, bundled into $OUT/results.tar.g
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${GPU_CHECKS_BUDGET_S:-540}
 SMOKE=${GPU_CHECKS_SMOKE:-0}
+ONLY=${GPU_CHECKS_ONLY:-}  # step names to run (e.g. "tests_cuda stages_cuda"); empty: all
 SUMMARY=$OUT/summary.txt
 TESTS_LOG=$LOGS/gpu_tests.log
 BENCH_TXT=$LOGS/bench.txt
 TRAIN_LOG=$LOGS/train_tiny.log
+STAGES_LOG=$LOGS/stages.log
 BUILD_LOG=$LOGS/build.log
 export PYTHONUNBUFFERED=1
 # Keep Triton's autotuning results on disk, so the later benchmark processes reuse them
@@ -42,6 +44,7 @@ export TRITON_CACHE_AUTOTUNING=1
 # ... and log each tuning (its duration and the chosen config) into the logs.
 export TRITON_PRINT_AUTOTUNING=1
 : > "$SUMMARY"; : > "$TESTS_LOG"; : > "$BENCH_TXT"; : > "$TRAIN_LOG"; : > "$BUILD_LOG"
+: > "$STAGES_LOG"
 
 
 if [ "$SMOKE" = 1 ]; then
@@ -53,6 +56,8 @@ if [ "$SMOKE" = 1 ]; then
     TRAIN_ARGS=(--device cpu --amp fp32 --input-size 32 --batch-size 16)
     CAP_MODEL_TESTS=60; CAP_SCAN=30; CAP_BENCH=240; CAP_SWEEP=120; CAP_SMALL_TESTS=60
     CAP_TRAIN=60; CAP_CUDA_TESTS=60; CAP_BACKENDS=60; CAP_CUDA_MIN=60; BUILD_JOBS=1
+    STAGES_SCRIPT=mambar_tiny.sh; STAGES_BATCH=8; STAGES_IMAGES="2 16 4"; CAP_STAGES=150
+    STAGES_ARGS=(--device cpu --amp fp32 --input-size 32)
 else
     DEVICE=cuda; DTYPE=bf16; FAST=triton; PX=224; SWEEP="224 384 512 768 1024"
     # Batch per size for the sweep: activations grow with the tokens (208 at 224 px, 4108 at
@@ -68,6 +73,11 @@ else
     CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60
     # The least the cuda steps need once the build is done (tests, scan alone, Base step).
     CAP_CUDA_MIN=150
+    # The seed's published recipe (Base), one epoch per stage: 16 classes x 128 training
+    # images at 32 per micro-batch are 64 micro-batches a stage, 2 optimizer steps of the
+    # recipe's global batch in stages 1-2 (1024) and 4 in stage 3 (512).
+    STAGES_SCRIPT=mambar_base.sh; STAGES_BATCH=32; STAGES_IMAGES="16 128 16"; CAP_STAGES=120
+    STAGES_ARGS=()
     # The build runs niced beside the steps above and gets all but two cores: mamba-ssm's
     # eleven translation units then compile in one wave.
     BUILD_JOBS=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
@@ -77,6 +87,9 @@ fi
 # a line with its exit code and duration to the summary (124: killed by the timeout).
 step() {
     local name=$1 cap=$2 log=$3; shift 3
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local left=$((BUDGET - SECONDS))
     local limit=$((cap < left ? cap : left))
     if [ "$limit" -lt 20 ]; then
@@ -115,6 +128,40 @@ train() {
         --num_workers 4 --output_dir "$run_dir" "${TRAIN_ARGS[@]}"
     rm -rf "$run_dir"
 }
+
+# stages NAME BACKEND: the three stages of a size script and its final --eval, launched as
+# the seed launches main.py (python -m torch.distributed.launch --use_env, one process), each
+# stage one epoch over a generated image folder, one progress line per step.
+IMAGES=$(mktemp -d)
+stages() {
+    local name=$1 backend=$2 run_dir
+    run_dir=$(mktemp -d)
+    printf '#!/bin/sh\nexec "%s" -m torch.distributed.launch --use_env "$@"\n' "$PY" \
+        > "$run_dir/launch"
+    chmod +x "$run_dir/launch"
+    step "$name" "$CAP_STAGES" "$STAGES_LOG" env MAMBAR_SCAN_BACKEND="$backend" \
+        TORCHRUN="$run_dir/launch" PYTHON="$PY" bash "scripts/$STAGES_SCRIPT" \
+        --data-path "$IMAGES" --output-root "$run_dir" --gpus-per-node 1 \
+        --max-gpu-batch "$STAGES_BATCH" -- --epochs 1 --num_workers 4 --no-mlflow \
+        --print-freq 1 ${STAGES_ARGS[@]+"${STAGES_ARGS[@]}"}
+    rm -rf "$run_dir"
+}
+# shellcheck disable=SC2086  # classes, training and validation images per class
+"$PY" - "$IMAGES" $STAGES_IMAGES <<'EOF'
+import os, sys
+import numpy as np
+from PIL import Image
+root, classes, train, val = sys.argv[1], *map(int, sys.argv[2:])
+rng = np.random.default_rng(0)
+for split, count in (("train", train), ("val", val)):
+    for c in range(classes):
+        folder = os.path.join(root, split, f"class_{c:02d}")
+        os.makedirs(folder)
+        mean = np.array([(37 * c) % 256, (91 * c) % 256, (151 * c) % 256])
+        for i in range(count):  # noise around a colour of the class: learnable, not trivial
+            pixels = np.clip(rng.normal(mean, 60, (160, 160, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+EOF
 
 {
     echo "gpu_checks.sh $(date -Is) on ${HOSTNAME:-?}, smoke=$SMOKE, budget ${BUDGET}s"
@@ -218,10 +265,13 @@ if "$PY" -c "import selective_scan as s, sys; sys.exit(not (s.cuda_kernels_avail
         --backend "$FAST" cuda --input-size "$PX" --batch "$BACKENDS_BATCH" --dtype "$DTYPE" \
         --mode both --reference none $ITERS
     train train_cuda cuda
+    stages stages_cuda cuda
 else
     echo "cuda backend       SKIPPED (mamba-ssm / causal-conv1d not importable; see build.log)" \
         >> "$SUMMARY"
 fi
+
+stages stages_triton "$FAST"
 
 # (d) What is left: the sweep if it has not run, then the rest of the tests.
 if [ "$SWEPT" = 0 ]; then sweep; fi
@@ -282,6 +332,11 @@ EOF
     echo "== main.py (launcher runs): throughput and loss lines"
     grep -E '^### |Averaged stats|Epoch: \[0\] +\[|Acc@1' "$TRAIN_LOG" | cut -c1-160 | tail -40
     grep -E 'Error|error:' "$TRAIN_LOG" | tail -3
+    echo
+    echo "== the size script's stages through the seed's launcher (per backend: the stage"
+    echo "   headers, each step's loss, the evaluations)"
+    grep -E '^### |^# stage|^# eval|Epoch: \[0\] +\[|Acc@1|^error' "$STAGES_LOG" \
+        | sed -E 's/  eta: [0-9:]+//; s/  time: .*//' | cut -c1-120 | tail -150
     echo
     echo "== build of the CUDA kernels (build.log, last lines)"
     tail -5 "$BUILD_LOG"
