@@ -129,6 +129,21 @@ def test_a_loss_scaler_changes_nothing_but_the_scale():
     assert scaler.get_scale() == 2.0 ** 13
 
 
+def test_gradients_are_clipped_to_clip_grad_in_total_norm():
+    x, y = data(8)
+    model = toy_model()
+    run(model, x, y, batch=4, accum=2, clip_grad=0.05)  # one step on the mean of 8
+    reference = toy_model()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    grads = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    assert norm > 0.05
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), grads):
+            p -= 0.5 * g * 0.05 / norm
+    assert_same_params(model, reference)
+
+
 class DrawProbe:
     """Stands in for mixup: records one draw of each generator (python, numpy, torch) per
     micro-batch, the generators that mixup, drop path and dropout use."""
@@ -180,6 +195,30 @@ class NanAt(torch.nn.Module):
         loss = CRITERION(samples, outputs, targets)
         self.calls += 1
         return loss * math.nan if self.calls - 1 in self.steps else loss
+
+
+class ModeProbe(torch.nn.Linear):
+    """Records whether each forward ran in training mode (drop path and dropout on)."""
+
+    def __init__(self):
+        super().__init__(6, 3)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_training_runs_in_train_mode_unless_no_train_mode(train_mode):
+    model = ModeProbe()
+    model.eval()
+    args = SimpleNamespace(accum_iter=1, seed=0, print_freq=100, batch_size=4, clip_grad=None,
+                           train_mode=train_mode)
+    loader = DataLoader(TensorDataset(*data(8)), batch_size=4)
+    train_one_epoch(model, CRITERION, loader, torch.optim.SGD(model.parameters(), lr=0.1),
+                    torch.device("cpu"), 0, args)
+    assert model.modes == [train_mode, train_mode]
 
 
 def test_non_finite_loss_stops_with_epoch_and_step():

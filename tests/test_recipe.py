@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from PIL import Image
 from timm.data import Mixup
@@ -210,6 +211,17 @@ def test_ema_drop_path_and_mixup_follow_the_stage(stage, monkeypatch):
         (0.8, 1.0, None, 1.0, 0.5, "batch", smoothing, 10)
 
 
+def test_the_ema_starts_from_the_finetuned_weights(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source = timm.create_model(TINY, num_classes=10, img_size=32).state_dict()
+    torch.save({"model": source}, tmp_path / "pt.pth")
+    argv = cpu_flags(stage_commands(GPUS_PER_NODE="8")[1]) + ["--finetune",
+                                                             str(tmp_path / "pt.pth")]
+    built = build(argv, monkeypatch, world_size=8)
+    for name, value in built["state"]["model_ema"].module.state_dict().items():
+        assert torch.equal(value, source[name]), name
+
+
 def one_hot(y, classes, smoothing):
     return torch.eye(classes)[y] * (1 - smoothing) + smoothing / classes
 
@@ -242,6 +254,8 @@ def soft_ce(logits, targets):
 
 @pytest.mark.parametrize("flags, kind", [
     ([], "soft"),                                              # the recipe: mixup/cutmix on
+    (["--mixup", "0"], "soft"),                                # cutmix alone still mixes
+    (["--cutmix", "0"], "soft"),                               # and so does mixup alone
     (["--mixup", "0", "--cutmix", "0", "--smoothing", "0.1"], "smooth"),
     (["--mixup", "0", "--cutmix", "0", "--smoothing", "0"], "plain"),
     (["--bce-loss"], "bce")])

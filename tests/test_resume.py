@@ -183,9 +183,10 @@ def test_stop_signal_writes_a_mid_epoch_checkpoint_that_resumes_exactly(data, re
     code, seconds, output = run_until(command, "Epoch: [1]  [2/8]", signum)
     assert code == 128 + signum, output
     assert seconds < 60
-    assert f"Stopped by {signal.Signals(signum).name} at epoch 1, step" in output
     stopped = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert stopped["epoch"] == 1 and not stopped["epoch_complete"] and 3 <= stopped["step"] < 8
+    assert f"Stopped by {signal.Signals(signum).name} at epoch 1, step {stopped['step']}: " \
+           f"checkpoint {tmp_path / 'checkpoint.pth'}" in output
     # Relaunching the same command continues the run (auto-resume).
     resumed = subprocess.run([sys.executable, *command], cwd=ROOT, env=ENV,
                              capture_output=True, text=True, timeout=600)
