@@ -65,9 +65,13 @@ def assert_same_params(a, b, atol=1e-6):
 def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b():
     x, y = data(8)
     accumulated, single = toy_model(), toy_model()
-    run(accumulated, x, y, batch=2, accum=4)
+    stats, _ = run(accumulated, x, y, batch=2, accum=4)
     run(single, x, y, batch=8, accum=1)
     assert_same_params(accumulated, single)
+    # The reported loss is the mean micro-batch loss, all four taken at the initial weights.
+    with torch.no_grad():
+        initial_loss = torch.nn.functional.cross_entropy(toy_model()(x), y).item()
+    assert stats["loss"] == pytest.approx(initial_loss, rel=1e-6)
     assert not torch.allclose(single[0].weight, toy_model()[0].weight)
 
 
