@@ -2,19 +2,20 @@
 
 The pure-PyTorch loop in ``selective_scan.py`` issues a dozen small ATen ops per time step; at
 the model's sizes each costs more in dispatch and memory round trips than in arithmetic. Here
-each (batch, block of ``BLOCK`` channels) job keeps its (states x channels) slab in L1 and does
-the decay, the input term, the state update, the C contraction and the SiLU gate of a step in
-one loop nest that LLVM vectorises over the channels. Jobs are independent, so they are split
-between threads; the kernels release the GIL, and plain Python threads run them (no second
-OpenMP runtime next to PyTorch's).
+each (image, block of ``BLOCK`` channels) job keeps its (states x channels) slab in L1 and does
+the softplus, the decay, the input term, the state update, the C contraction and the SiLU gate
+of a step in one loop nest that LLVM vectorises over the channels. Jobs are independent, so
+they are split between threads; the kernels release the GIL, and plain Python threads run them
+(no second OpenMP runtime next to PyTorch's).
 
 The backward keeps nothing from the forward but its inputs: each job re-runs its forward into
-a scratch of (L, N, BLOCK) states and decays (a few hundred KB, in L2), then walks the adjoint
-recurrence back through it. Sums over channels (dB, dC) and over batch and time (dA, dD) go
-into per-task buffers that are added up afterwards, so tasks never write the same memory.
+a scratch of (L, N, BLOCK) states and decays (1.7 MB at L = 208, streamed through L2), then
+walks the adjoint recurrence back through it. Sums over channels (dB, dC) and over batch and
+time (dA, dD, d bias) go into per-task buffers that are added up afterwards, so tasks never
+write the same memory.
 
-exp is a Cody-Waite reduction plus a degree-7 polynomial (fp32: within 2 ulp of libm) written
-in arithmetic and one integer-to-float bitcast, so that it vectorises; libm's expf does not.
+exp and log1p are polynomials (fp32: exp within 2 ulp, softplus within 4) written in plain
+arithmetic and one integer-to-float bitcast, so that they vectorise; libm's are scalar calls.
 Compiled code is cached in ``__pycache__`` (``cache=True``): a machine compiles once.
 """
 from __future__ import annotations
@@ -32,10 +33,10 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic, overload
 
-from selective_scan import _work_dtype
 
-# Channels per job: one AVX-512 vector or two AVX2 ones; a multiple of both keeps the inner
-# loop free of remainders.
+# Channels per job: the vector lanes of the inner loops (4 AVX-512 or 8 AVX2 vectors). Wider
+# than one vector so that the backward's two sums over channels per (step, state) are spread
+# over more work: 16 channels took 17 ms per Tiny-sized backward, 64 took 13.
 BLOCK = 64
 # Compiler flags: reassociation lets LLVM vectorise the sums over channels; contraction gives
 # FMAs. No 'nnan'/'ninf': inf and nan must propagate as in the other backends.
@@ -262,17 +263,21 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
                     du[b, t, e0 + e] += d[e0 + e] * dys[s, e]
                     dd[e0 + e] += dys[s, e] * uv
 
+
 _POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
+    """One pool per process, rebuilt when torch's thread count changes."""
+    global _POOL, _POOL_WORKERS
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers != workers:
+        if _POOL is None or _POOL_WORKERS != workers:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
             _POOL = concurrent.futures.ThreadPoolExecutor(workers, "mambar-scan")
+            _POOL_WORKERS = workers
         return _POOL
 
 
@@ -295,6 +300,10 @@ def _run(kernel, ranges: List[Tuple[int, int]], per_task) -> None:
                for i, (first, last) in enumerate(ranges)]
     for future in futures:
         future.result()
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:

@@ -253,12 +253,16 @@ def test_torch_backend_runs_the_compiled_scan_on_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-def test_compiled_scan_survives_print_being_replaced():
-    """main.py silences print on other ranks by replacing builtins.print; Numba's import fails
-    after that, so the compiled scan must already be loaded by then (a fresh process, as
-    torchrun starts)."""
-    code = ("import selective_scan, utils, sys; utils.setup_for_distributed(False); "
-            "sys.exit(0 if selective_scan.compiled_cpu_scan_available() else 3)")
+@pytest.mark.parametrize("code", [
+    # main.py silences print on other ranks by replacing builtins.print, after which Numba's
+    # import fails: the compiled scan must already be loaded by then.
+    "import selective_scan, utils; utils.setup_for_distributed(False)",
+    # The compiled module imported first must not leave selective_scan without it.
+    "import selective_scan_cpu, selective_scan",
+])
+def test_compiled_scan_loads_in_a_fresh_process(code):
+    code += ("; import sys, selective_scan as ss; "
+             "sys.exit(0 if ss.compiled_cpu_scan_available() else 3)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
