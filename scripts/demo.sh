@@ -3,7 +3,9 @@
 # scikit-learn's handwritten digits (1437 train / 360 val images, 10 classes; main.py's
 # embedded DIGITS data set, used when no --data-path is given).
 #
-#   bash scripts/demo.sh          # 8-9 minutes on 2 CPU cores; prints the final top-1
+#   bash scripts/demo.sh          # ~5.5 minutes on 2 idle CPU cores (estimated from per-step
+#                                 # CPU time; 14.5 min measured on 2 cores shared with a load
+#                                 # of ~5, see BENCHMARKS.md); prints the final top-1
 #
 #   stage  paper (ImageNet)                      here (digits)
 #   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 5 epochs
