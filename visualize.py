@@ -63,7 +63,7 @@ def layer_norms(model: VisionMambaBackbone, images: torch.Tensor) -> torch.Tenso
 
     The model should be in eval mode (dropout and drop path would make the norms random).
     """
-    out = model.forward_features(images.float(), return_residuals=True)
+    out = model.forward_tokens(images.float(), return_residuals=True)
     norms = torch.stack([r.norm(dim=-1) for r in out["residual_patch_tokens"]])
     return norms.reshape(*norms.shape[:2], *model.patch_embed.grid_size)
 
@@ -78,7 +78,7 @@ def patch_norm_map(model: VisionMambaBackbone, images: torch.Tensor, layer: int 
 def register_similarity(model: VisionMambaBackbone, images: torch.Tensor) -> torch.Tensor:
     """(B, n, H, W): cosine similarity of each register's output (after norm_f) to every patch
     token's output; Vim's single class token counts as one register."""
-    out = model.forward_features(images.float())
+    out = model.forward_tokens(images.float())
     patches = F.normalize(out["patch_tokens"].float(), dim=-1)
     registers = F.normalize(out["register_tokens"].float(), dim=-1)
     sim = torch.einsum("bnd,bpd->bnp", registers, patches)

@@ -65,7 +65,7 @@ def test_register_similarity_is_cosine_to_every_patch():
     sim = vis.register_similarity(model, images)
     assert sim.shape == (1, 2, 4, 4)
     with torch.no_grad():
-        out = model.forward_features(images)
+        out = model.forward_tokens(images)
     reg, patch = out["register_tokens"][0, 1], out["patch_tokens"][0, 5]
     want = torch.dot(reg, patch) / (reg.norm() * patch.norm())
     torch.testing.assert_close(sim[0, 1].flatten()[5], want)
