@@ -105,6 +105,14 @@ def _conv_pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return padded[..., k - 1:] if reverse else padded[..., :x.shape[-1]], padded, weight
 
 
+def _without_autocast(device: torch.device):
+    """Autocast off, on devices that have it (the meta device, where timm builds models to
+    inspect them, has none and refuses the context)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _ConvSiLU(torch.autograd.Function):
     """``_conv_silu`` that keeps only its inputs for the backward and redoes the (cheap) conv
     there; autograd would keep the pre-activation, one more tensor the size of x."""
@@ -114,14 +122,14 @@ class _ConvSiLU(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.reverse = reverse
         # Casts are explicit (to x's dtype, as autocast would) so the redo matches exactly.
-        with torch.autocast(x.device.type, enabled=False):
+        with _without_autocast(x.device):
             return _conv_silu(x, weight, bias, reverse)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         k, channels, length = weight.shape[-1], x.shape[1], x.shape[-1]
-        with torch.autocast(grad.device.type, enabled=False):
+        with _without_autocast(grad.device):
             pre, padded, kernel = _conv_pre_activation(x, weight, bias, ctx.reverse)
             grad_padded = torch.zeros_like(padded)
             (grad_padded[..., k - 1:] if ctx.reverse else grad_padded[..., :length]).copy_(

@@ -730,3 +730,14 @@ def test_main_grad_checkpointing_flag():
                                   *argv])
         args.nb_classes = 5
         assert main.build_model(args).grad_checkpointing is expected
+
+
+def test_forward_on_the_meta_device():
+    """timm builds models on the meta device to inspect them (its default-config tests do):
+    the forward must run there, with no autocast context on a device that has none."""
+    with torch.device("meta"):
+        model = timm.create_model("mambar_tiny_patch16_224", num_classes=7)
+        out = model(torch.empty(2, 3, 224, 224))
+        features = model.forward_features(torch.empty(1, 3, 224, 224))
+    assert out.shape == (2, 7) and out.is_meta
+    assert features.shape == (1, 196 + 12, 192)
