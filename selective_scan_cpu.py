@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 import threading
 from typing import List, Optional, Tuple
 
@@ -279,6 +280,15 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
             _POOL = concurrent.futures.ThreadPoolExecutor(workers, "mambar-scan")
             _POOL_WORKERS = workers
         return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, so build a new one."""
+    global _POOL, _POOL_WORKERS, _POOL_LOCK
+    _POOL, _POOL_WORKERS, _POOL_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _split(jobs: int, threads: int) -> List[Tuple[int, int]]:

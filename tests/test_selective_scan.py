@@ -158,6 +158,55 @@ def test_kernel_softplus_and_its_derivative():
         assert np.all(err <= np.maximum(4 * np.spacing(want), 1e-37)), col
 
 
+def _scan_in_child(queue):
+    args = make_inputs(batch=2, dim=64, length=5)
+    queue.put(float(ssc.selective_scan_cpu(*args).detach().sum()))
+
+
+def test_two_threads_work_in_a_forked_child():
+    """A DataLoader-style fork after the parent has used its thread pool: the child must build
+    its own (the parent's threads do not exist there) instead of waiting on them forever."""
+    import multiprocessing
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = make_inputs(batch=2, dim=64, length=5)
+        want = float(ssc.selective_scan_cpu(*args).detach().sum())
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_scan_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == pytest.approx(want, rel=1e-6)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_mixer_end_to_end_compiled_against_loop(monkeypatch):
+    """The model's mixer (its layouts: channel-minor z, B and C slices of one projection, a
+    full 64-channel block) with the compiled scan against the same mixer on the loop."""
+    torch.manual_seed(0)
+    import models_mambar as mm
+    mixer = mm.BiMambaMixer(32, scan_backend="torch")
+    hidden = torch.randn(2, 13, 32, requires_grad=True)
+    leaves = [hidden, *mixer.parameters()]
+    calls = []
+    monkeypatch.setattr(mm, "get_scan", lambda backend: lambda *a, **k: calls.append(1) or
+                        ssc.selective_scan_cpu(*a, **k))
+    got = mixer(hidden)
+    g_got = torch.autograd.grad(got.square().sum(), leaves)
+    monkeypatch.setattr(mm, "get_scan", lambda backend: ss.selective_scan_loop)
+    want = mixer(hidden)
+    g_want = torch.autograd.grad(want.square().sum(), leaves)
+    assert len(calls) == 2                         # both directions ran compiled
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_split_covers_every_job_once():
     for jobs, threads in ((1, 2), (7, 2), (192, 2), (5, 1), (100, 3)):
         ranges = ssc._split(jobs, threads)
