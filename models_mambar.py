@@ -27,8 +27,8 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from selective_scan import (describe_backends, get_scan, load_causal_conv1d, requested_backend,
-                            resolve_backend)
+from selective_scan import (causal_conv1d_silu, describe_backends, get_scan, load_causal_conv1d,
+                            requested_backend, resolve_backend)
 
 __all__ = ["MambaR", "VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm",
            "CheckpointError", "read_checkpoint", "model_state_dict", "load_state_dict_file",
@@ -265,14 +265,12 @@ class BiMambaMixer(nn.Module):
         else:
             conv, x_proj, dt_proj, a_log, d = (self.conv1d, self.x_proj, self.dt_proj,
                                                self.A_log, self.D)
-        fast_conv = load_causal_conv1d() if backend == "cuda" else None
+        cuda_conv = backend == "cuda" and load_causal_conv1d() is not None
 
         def conv_silu() -> torch.Tensor:
-            if fast_conv is None:
-                return _ConvSiLU.apply(x, conv.weight, conv.bias, reverse)
-            src = x.flip(-1) if reverse else x
-            u = fast_conv(src.contiguous(), conv.weight.squeeze(1), conv.bias, activation="silu")
-            return u.flip(-1) if reverse else u
+            if cuda_conv:
+                return causal_conv1d_silu(x, conv.weight, conv.bias, reverse)
+            return _ConvSiLU.apply(x, conv.weight, conv.bias, reverse)
 
         # u and delta are each the size of x and cheap to redo: the backward recomputes them
         # rather than keeping them for the whole step (Mamba-B, batch 128: 7 GB).

@@ -18,7 +18,8 @@ Backends:
     the same loop in PyTorch ops vectorised over batch x channels x states inside a custom
     autograd Function whose backward is its own reverse-time loop (``selective_scan_loop``).
   * ``triton``: fused forward/backward kernels (``selective_scan_triton.py``), CUDA only.
-  * ``cuda``: mamba-ssm's compiled kernel, CUDA only, imported lazily.
+  * ``cuda``: mamba-ssm's compiled kernel (its ``selective_scan_cuda`` extension), CUDA only,
+    imported lazily, behind an autograd function that keeps only its inputs as the others do.
 
 ``resolve_backend`` is the one place that picks a backend for a given device.
 """
@@ -293,36 +294,82 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return compiled(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
-def _flip_wrap(scan: Callable) -> Callable:
-    """Give a forward-only kernel the ``reverse`` argument by flipping the sequence inputs."""
-    def run(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-            reverse=False):
-        if not reverse:
-            return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        flip = lambda t: None if t is None else t.flip(-1)  # noqa: E731
-        out = scan(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), delta_bias,
-                   delta_softplus)
-        return out.flip(-1)
-    return run
+def _kernel_layout(t: Optional[torch.Tensor], reverse: bool) -> Optional[torch.Tensor]:
+    """A sequence tensor as mamba-ssm's and causal-conv1d's kernels read it: contiguous, and
+    flipped for the reverse direction (they only run forwards in time)."""
+    if t is None:
+        return None
+    return (t.flip(-1) if reverse else t).contiguous()
+
+
+def _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse: bool) -> tuple:
+    """The leading arguments of mamba-ssm's ``selective_scan_cuda.fwd`` and ``bwd``: sequence
+    tensors in kernel layout, B and C with their group axis (one group), parameters in fp32."""
+    def param(t):
+        return None if t is None else t.float().contiguous()
+    return (_kernel_layout(u, reverse), _kernel_layout(delta, reverse), param(A),
+            _kernel_layout(B, reverse).unsqueeze(1), _kernel_layout(C, reverse).unsqueeze(1),
+            param(D), _kernel_layout(z, reverse), param(delta_bias))
+
+
+class _SelectiveScanCuda(torch.autograd.Function):
+    """mamba-ssm's kernel under the contract of the other backends: it keeps only its inputs.
+
+    mamba-ssm's own autograd function keeps the contiguous (here also flipped) copies it scans
+    and its pre-gate output, none of which the mixer's recompute hooks can release: Mamba®-B
+    at batch 128 trained in 28 GB through it against 12 GB with the Triton scan. Here the
+    copies exist only while a kernel runs, and the backward reruns the forward kernel for the
+    pre-gate output (and the chunk states past 2048 tokens) that the backward kernel reads:
+    one scan forward more per step, for the memory of the other backends.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
+        out, _, *gated = _load_cuda_kernel().fwd(*args, bool(delta_softplus))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.flags = (bool(delta_softplus), bool(reverse))
+        y = gated[0] if z is not None else out
+        return y.flip(-1) if reverse else y
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        softplus, reverse = ctx.flags
+        kernel = _load_cuda_kernel()
+        args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
+        out, states, *_ = kernel.fwd(*args, softplus)
+        du, ddelta, dA, dB, dC, dD, dbias, *dz = kernel.bwd(
+            *args, _kernel_layout(dout, reverse), states, out if z is not None else None,
+            None, softplus, False)
+
+        def seq(grad, like):
+            grad = grad.flip(-1) if reverse else grad
+            return grad.to(like.dtype)
+        return (seq(du, u), seq(ddelta, delta), dA.to(A.dtype), seq(dB.squeeze(1), B),
+                seq(dC.squeeze(1), C), None if D is None else dD.to(D.dtype),
+                None if z is None else seq(dz[0], z),
+                None if delta_bias is None else dbias.to(delta_bias.dtype), None, None)
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=True, reverse=False):
+    """mamba-ssm's selective scan kernel (see ``_SelectiveScanCuda``), CUDA tensors only."""
+    return _SelectiveScanCuda.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    reverse)
 
 
 @functools.lru_cache(maxsize=None)
-def _load_cuda_scan() -> Optional[Callable]:
-    """mamba-ssm's selective_scan_fn, or None when the package or its extension is missing."""
+def _load_cuda_kernel():
+    """mamba-ssm's compiled extension ``selective_scan_cuda``, or None when it is missing.
+
+    The extension alone is imported, not the ``mamba_ssm`` package, whose ``__init__`` also
+    imports its language models and, through them, transformers.
+    """
     try:
-        module = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-        scan_fn = module.selective_scan_fn
+        return importlib.import_module("selective_scan_cuda")
     except Exception:  # ImportError, or an OSError/undefined symbol from a mismatched build
         return None
-
-    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        return scan_fn(u.contiguous(), delta.contiguous(), A.float().contiguous(),
-                       B.contiguous(), C.contiguous(),
-                       None if D is None else D.float().contiguous(),
-                       None if z is None else z.contiguous(),
-                       None if delta_bias is None else delta_bias.float().contiguous(),
-                       delta_softplus=delta_softplus)
-    return _flip_wrap(scan)
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,8 +397,44 @@ def load_causal_conv1d() -> Optional[Callable]:
         return None
 
 
+class _CausalConvSiLUCuda(torch.autograd.Function):
+    """causal-conv1d's conv + SiLU keeping only its input x (a view of in_proj's output,
+    which the mixer keeps anyway), not the contiguous, flipped copy the kernel reads; the
+    backward runs the (cheap) conv again, under autograd, for its gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        with torch.no_grad():
+            u = load_causal_conv1d()(_kernel_layout(x, reverse), weight.squeeze(1), bias,
+                                     activation="silu")
+        ctx.save_for_backward(x, weight, bias)
+        ctx.reverse = reverse
+        return u.flip(-1) if reverse else u
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        leaves = [_kernel_layout(x, ctx.reverse).detach().requires_grad_(True),
+                  weight.detach().requires_grad_(True)]
+        if bias is not None:
+            leaves.append(bias.detach().requires_grad_(True))
+        with torch.enable_grad():
+            u = load_causal_conv1d()(leaves[0], leaves[1].squeeze(1),
+                                     leaves[2] if bias is not None else None, activation="silu")
+            grads = torch.autograd.grad(u, leaves, _kernel_layout(grad, ctx.reverse))
+        dx = grads[0].flip(-1) if ctx.reverse else grads[0]
+        return dx, grads[1], grads[2] if bias is not None else None, None
+
+
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       reverse: bool) -> torch.Tensor:
+    """SiLU(depthwise causal conv) of x (B, E, L) with an nn.Conv1d weight (E, 1, K) through
+    causal-conv1d's kernel; with ``reverse`` the anti-causal conv of the backward direction."""
+    return _CausalConvSiLUCuda.apply(x, weight, bias, reverse)
+
+
 def cuda_kernels_available() -> bool:
-    return _load_cuda_scan() is not None
+    return _load_cuda_kernel() is not None
 
 
 def triton_available() -> bool:
@@ -369,22 +452,23 @@ def requested_backend(name: Optional[str] = None) -> str:
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``.
 
-    ``auto`` prefers mamba-ssm's kernel, then Triton, on CUDA tensors, and ``torch`` elsewhere.
+    ``auto`` prefers the Triton scan on CUDA tensors (faster than mamba-ssm's kernel and
+    lighter on memory, BENCHMARKS.md), then mamba-ssm's kernel, and ``torch`` elsewhere.
     An explicit GPU backend on CPU tensors, or one whose package is missing, is an error.
     """
     on_cuda = device.type == "cuda"
     if name == "auto":
-        if on_cuda and cuda_kernels_available():
-            return "cuda"
         if on_cuda and triton_available():
             return "triton"
+        if on_cuda and cuda_kernels_available():
+            return "cuda"
         return "torch"
     if name in ("cuda", "triton"):
         if not on_cuda:
             raise RuntimeError(f"scan backend {name!r} needs CUDA tensors, got {device.type}")
         if name == "cuda" and not cuda_kernels_available():
-            raise RuntimeError("scan backend 'cuda' needs mamba-ssm (pip install -r "
-                               "requirements-cuda.txt)")
+            raise RuntimeError("scan backend 'cuda' needs mamba-ssm's selective_scan_cuda "
+                               "extension (README, 'GPU extra')")
         if name == "triton" and not triton_available():
             raise RuntimeError("scan backend 'triton' needs the triton package")
     return name
@@ -397,7 +481,7 @@ def get_scan(backend: str) -> Callable:
     if backend == "reference":
         return selective_scan_reference
     if backend == "cuda":
-        return _load_cuda_scan()
+        return selective_scan_cuda
     if backend == "triton":
         return _load_triton_scan()
     raise ValueError(f"not a concrete scan backend: {backend!r}")
@@ -407,8 +491,8 @@ def describe_backends(name: str) -> str:
     """One line for logs: what was asked and what each device will run."""
     gpu = "n/a"
     if name in ("auto", "cuda", "triton"):
-        gpu = ("cuda" if cuda_kernels_available() else
-               "triton" if triton_available() else "torch") if name == "auto" else name
+        gpu = ("triton" if triton_available() else
+               "cuda" if cuda_kernels_available() else "torch") if name == "auto" else name
     else:
         gpu = name
     cpu = "torch" if name in ("auto", "cuda", "triton") else name

@@ -113,7 +113,6 @@ def test_cuda_backend_calls_both_kernels(monkeypatch):
     """The cuda backend really runs mamba-ssm's scan and causal-conv1d's conv, once per
     direction each in the forward."""
     calls = {"scan": 0, "conv": 0}
-    scan, conv = ss.get_scan("cuda"), ss.load_causal_conv1d()
 
     def counted(key, fn):
         def wrapper(*args, **kwargs):
@@ -121,10 +120,36 @@ def test_cuda_backend_calls_both_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(ss, "get_scan", lambda backend: counted("scan", scan))
-    monkeypatch.setattr(models_mambar, "get_scan", lambda backend: counted("scan", scan))
-    monkeypatch.setattr(models_mambar, "load_causal_conv1d", lambda: counted("conv", conv))
+    assert ss.get_scan("cuda") is ss.selective_scan_cuda
+    monkeypatch.setattr(models_mambar, "get_scan",
+                        lambda backend: counted("scan", ss.get_scan(backend)))
+    monkeypatch.setattr(models_mambar, "causal_conv1d_silu",
+                        counted("conv", ss.causal_conv1d_silu))
     mixer = BiMambaMixer(64, scan_backend="cuda").cuda()
     with torch.no_grad():
         mixer(torch.randn(1, 33, 64, device="cuda"))
     assert calls == {"scan": 2, "conv": 2}
+
+
+def test_cuda_backend_keeps_no_more_for_the_backward_than_triton():
+    """What a forward leaves allocated for its backward (the graph's saved tensors) is no
+    larger with mamba-ssm's kernels than with the Triton scan: the glue keeps only its inputs,
+    so the mixer's recompute hooks release u and delta on both."""
+    torch.manual_seed(0)
+    model = timm.create_model("mambar_tiny_patch16_224").cuda()
+    x = torch.randn(16, 3, 224, 224, device="cuda")
+    kept = {}
+    for backend in ("triton", "cuda"):
+        set_backend(model, backend)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        torch.cuda.synchronize()
+        kept[backend] = torch.cuda.memory_allocated() - before
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+        del out
+    print(f"kept for the backward, MiB: {kept['triton'] / 2**20:.1f} (triton), "
+          f"{kept['cuda'] / 2**20:.1f} (cuda)")
+    assert kept["cuda"] <= 1.02 * kept["triton"]

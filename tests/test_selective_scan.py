@@ -362,35 +362,120 @@ def test_unsupported_inputs_name_the_argument(scan, arg, make, match):
         SCANS_CHECKED[scan](**args)
 
 
-def test_cuda_wrapper_flips_reverse_and_passes_contiguous_fp32_params(monkeypatch):
-    """The ``cuda`` backend's wrapper around mamba-ssm's selective_scan_fn, with the oracle
-    standing in for the kernel: reverse = flip in, scan forwards, flip out; the kernel gets
-    contiguous tensors and fp32 A, D and delta_bias, as its C++ checks demand."""
-    seen = []
+def fake_cuda_extension(calls):
+    """mamba-ssm's ``selective_scan_cuda`` (fwd/bwd, their argument order and layouts) with the
+    oracle inside, checking what the kernels demand: contiguous sequence tensors, B and C with
+    a group axis, fp32 A/D/delta_bias, and, in the backward, the forward's pre-gate output."""
+    def check(u, delta, A, B, C, D, z, bias):
+        assert all(t.is_contiguous() for t in (u, delta, B, C) + ((z,) if z is not None else ()))
+        assert B.dim() == C.dim() == 4 and B.shape[1] == C.shape[1] == 1
+        assert all(t.dtype == torch.float32 for t in (A, D, bias) if t is not None)
 
-    def fake_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-        seen.append((u, delta, A, B, C, D, z, delta_bias))
-        return ss.selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    def fwd(u, delta, A, B, C, D, z, bias, softplus):
+        check(u, delta, A, B, C, D, z, bias)
+        calls.append("fwd")
+        pre = ss.selective_scan_reference(u, delta, A, B[:, 0], C[:, 0], D, None, bias, softplus)
+        states = torch.zeros(u.shape[0], u.shape[1], 1, 2 * A.shape[1])
+        return [pre, states] + ([pre * torch.nn.functional.silu(z.float()).to(pre.dtype)]
+                                if z is not None else [])
 
-    fake = types.SimpleNamespace(selective_scan_fn=fake_kernel)
-    real_import = ss.importlib.import_module
-    monkeypatch.setattr(ss.importlib, "import_module", lambda name: fake if name ==
-                        "mamba_ssm.ops.selective_scan_interface" else real_import(name))
-    ss._load_cuda_scan.cache_clear()
-    try:
-        scan = ss._load_cuda_scan()
-        assert scan is not None
-        for reverse in (False, True):
-            args = make_inputs(length=10)
-            strided = [a.detach().transpose(1, 2).contiguous().transpose(1, 2)
-                       .requires_grad_() if a.dim() == 3 else a for a in args]
-            strided[2] = args[2].detach().double().requires_grad_()    # A in fp64
-            assert_matches_reference(scan, strided, reverse)
-        for call in seen:
-            assert all(t.is_contiguous() for t in call if t is not None)
-            assert all(t.dtype == torch.float32 for t in (call[2], call[5], call[7]))
-    finally:
-        ss._load_cuda_scan.cache_clear()
+    def bwd(u, delta, A, B, C, D, z, bias, dout, states, out, dz, softplus, recompute):
+        check(u, delta, A, B, C, D, z, bias)
+        assert dout.is_contiguous() and states is not None and dz is None and not recompute
+        calls.append("bwd")
+        leaves = [t.detach().requires_grad_(True) if t is not None else None
+                  for t in (u, delta, A, B[:, 0], C[:, 0], D, z, bias)]
+        if z is not None:  # the pre-gate output the real kernel reads must be the forward's
+            want = ss.selective_scan_reference(*leaves[:6], None, leaves[7], softplus)
+            torch.testing.assert_close(out, want.detach())
+        with torch.enable_grad():  # backward runs with grad mode off
+            y = ss.selective_scan_reference(*leaves, delta_softplus=softplus)
+            grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dout)
+        it = iter(grads)
+        du, ddelta, dA, dB, dC = (next(it) for _ in range(5))
+        dD = next(it) if D is not None else torch.empty(0)
+        dz_ = next(it) if z is not None else None
+        dbias = next(it) if bias is not None else torch.empty(0)
+        return [du, ddelta, dA, dB.unsqueeze(1).float(), dC.unsqueeze(1).float(), dD, dbias] + \
+            ([dz_] if z is not None else [])
+
+    return types.SimpleNamespace(fwd=fwd, bwd=bwd)
+
+
+@pytest.mark.parametrize("optional", ["all", "no_D", "no_z", "no_bias"])
+def test_cuda_backend_glue_with_the_oracle_as_kernel(monkeypatch, optional):
+    """The ``cuda`` backend's autograd function around mamba-ssm's extension, the oracle standing
+    in for the kernels: reverse = flip in, scan forwards, flip out, for the output and every
+    gradient; strided inputs (as the mixer passes them) and fp64 A made what the kernels take."""
+    calls = []
+    monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension(calls))
+    for reverse in (False, True):
+        args = make_inputs(length=10)
+        strided = [a.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                   if a is not None and a.dim() == 3 else a for a in args]
+        strided[2] = args[2].detach().double().requires_grad_()    # A in fp64
+        drop = {"no_D": 5, "no_z": 6, "no_bias": 7}.get(optional)
+        if drop is not None:
+            strided[drop] = None
+        assert_matches_reference(ss.selective_scan_cuda, strided, reverse)
+    assert calls == ["fwd", "fwd", "bwd"] * 2   # the backward reruns the forward kernel
+
+
+def test_cuda_backend_keeps_only_its_inputs(monkeypatch):
+    """Unlike mamba-ssm's own autograd function, the ``cuda`` backend saves the tensors it was
+    given, not its contiguous or flipped copies: the mixer's recompute hooks can release u and
+    delta, and nothing else the size of the sequence is kept."""
+    monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension([]))
+    args = [a.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+            if a.dim() == 3 else a for a in make_inputs(length=10)]
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    for reverse in (False, True):
+        packed.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ss.selective_scan_cuda(*args, reverse=reverse)
+        assert len(packed) == 8
+        assert all(any(t is a for a in args) for t in packed)
+
+
+def fake_causal_conv1d(x, weight, bias=None, activation=None):
+    """causal-conv1d's public function (weight (E, K)), contiguous input only."""
+    assert x.is_contiguous() and weight.dim() == 2 and activation == "silu"
+    k = weight.shape[-1]
+    out = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (k - 1, 0)), weight.unsqueeze(1),
+                                     bias, groups=x.shape[1])
+    return torch.nn.functional.silu(out)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_conv_glue_with_a_stand_in_kernel(monkeypatch, reverse):
+    """causal_conv1d_silu: the (anti-)causal depthwise conv + SiLU of the spec, gradients
+    included, from a channel-minor view, keeping only that view for the backward."""
+    monkeypatch.setattr(ss, "load_causal_conv1d", lambda: fake_causal_conv1d)
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 6).transpose(1, 2).requires_grad_()   # (B, E, L), channel-minor
+    weight = torch.randn(6, 1, 4, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    # The spec: u_t = SiLU(sum_j w[j] x_{t-3+j} + b), zero before the start; the backward
+    # direction is the same on the reversed sequence, reversed back.
+    src = x.flip(-1) if reverse else x
+    want = torch.stack([sum(weight[:, 0, j] * src[..., t - 3 + j] for j in range(4)
+                            if t - 3 + j >= 0) + bias for t in range(11)], -1)
+    want = torch.nn.functional.silu(want)
+    want = want.flip(-1) if reverse else want
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        got = ss.causal_conv1d_silu(x, weight, bias, reverse)
+    assert all(any(t is a for a in (x, weight, bias)) for t in packed)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (x, weight, bias), g),
+                    torch.autograd.grad(want, (x, weight, bias), g)):
+        torch.testing.assert_close(a, b)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
