@@ -3,8 +3,9 @@
 # alone against mamba-ssm's kernel and a speed-of-light probe (scan_bench.py), the benchmark
 # matrix (Mamba® T/S/B with the Triton scan against DeiT of the same size, the resolution sweep
 # for B, peak memory, the scan's share of a training step), the authors' CUDA kernels built on
-# the machine and compared with our backends, and short bf16 trainings of Tiny launched as the
-# seed's commands launch main.py.
+# the machine and compared with our backends, short bf16 trainings of Tiny launched as the
+# seed's commands launch main.py, and the Base size script's three stages and --eval through
+# that launcher on a generated image folder, once per backend.
 #
 #   bash scripts/gpu_checks.sh                      # results under $OUT (default ./gpu_results)
 #   GPU_CHECKS_SMOKE=1 bash scripts/gpu_checks.sh   # the same flow on CPU with tiny sizes

@@ -8,8 +8,9 @@ the mixer passes them (u and delta time-minor, z and the output gradient channel
 B and C row slices of the x_proj output). Rows:
 
 - ``triton``: our Triton scan, with the autotuner's choice per kernel;
-- ``cuda``: mamba-ssm's kernel through our glue (its contiguous copies and, for the reverse
-  direction, the flips included), when mamba-ssm is installed;
+- ``cuda``: mamba-ssm's kernel through our backend (``selective_scan.selective_scan_cuda``:
+  its contiguous copies, the flips of the reverse direction and the forward it reruns in the
+  backward included), when mamba-ssm is installed;
 - ``cuda-kernel``: mamba-ssm's ``selective_scan_fn`` itself on contiguous inputs (forward
   direction only: it has no reverse mode);
 - ``probe``: a speed-of-light calibration at the same shape: per state element one exponential,
