@@ -56,8 +56,9 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> Non
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D),
                     ("z", z), ("delta_bias", delta_bias)):
         if t is not None and not t.is_floating_point():
-            raise ValueError(f"{name}: expected a real floating-point tensor, got {t.dtype} "
-                             "(complex A is only supported by the 'cuda' backend)")
+            note = " (complex A: only mamba-ssm's kernel takes it)" if t.is_complex() else ""
+            raise ValueError(f"{name}: expected a real floating-point tensor, got {t.dtype}"
+                             + note)
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"A: expected (channels, d_state) = ({dim}, N), got {tuple(A.shape)}")
     want = (batch, A.shape[1], length)
