@@ -470,10 +470,11 @@ def run(args, device, stop):
     tracker = utils.MlflowRun(args, {**vars(args), "n_parameters": n_parameters}, args.mlflow)
     try:
         if args.eval:
-            return run_eval(loader_val, dataset_val, state, device, amp_dtype, args, tracker)
-        code = run_training(model, criterion, loader_train, loader_val, state, device,
-                            amp_dtype, mixup_fn, start_epoch, start_step, stop, args, tracker,
-                            n_parameters)
+            code = run_eval(loader_val, dataset_val, state, device, amp_dtype, args, tracker)
+        else:
+            code = run_training(model, criterion, loader_train, loader_val, state, device,
+                                amp_dtype, mixup_fn, start_epoch, start_step, stop, args,
+                                tracker, n_parameters)
     except BaseException:
         tracker.end("FAILED")
         raise

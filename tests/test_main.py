@@ -220,6 +220,7 @@ def test_training_and_eval_are_tracked_in_mlflow_as_in_log_txt(tmp_path, monkeyp
     assert main.cli(common + ["--eval", "--resume", str(out / "checkpoint.pth")]) == 0
     runs = client.search_runs(client.get_experiment_by_name("mambar").experiment_id)
     (evaluation,) = [r for r in runs if r.info.run_name == TINY]
+    assert evaluation.info.status == "FINISHED"
     tested = {k for k in metrics if k.startswith("test_")}
     assert set(evaluation.data.metrics) == tested
     for name in tested:
