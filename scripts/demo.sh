@@ -4,8 +4,8 @@
 # embedded DIGITS data set, used when no --data-path is given).
 #
 #   bash scripts/demo.sh          # ~5.5 minutes on 2 idle CPU cores (estimated from per-step
-#                                 # CPU time; 14.5 min measured on 2 cores shared with a load
-#                                 # of ~5, see BENCHMARKS.md); prints the final top-1
+#                                 # CPU time; 9.5 min measured on 2 cores shared at a load of
+#                                 # ~2.7, see BENCHMARKS.md); prints the final top-1
 #
 #   stage  paper (ImageNet)                      here (digits)
 #   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 5 epochs
