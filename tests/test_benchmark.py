@@ -133,9 +133,9 @@ def test_targets_of_issues_2_5_and_16():
     assert got[(2, "train speedup over the mambapy scan")] == (round(2 / 0.3, 3), True)
     assert got[(2, "infer speedup over the mambapy scan")][1] is True
     assert got[(2, "train peak RSS, MiB (mambapy: 6000)")] == (1500, True)
-    # Issue 16 wants 10x in both modes: 6.7x training fails, 20x inference passes.
+    # Issue 16 wants 10x in both modes, where issue 2's 5x passes: 6.7x fails here.
     assert got[(16, "train speedup over the mambapy scan")] == (round(2 / 0.3, 3), False)
-    assert got[(16, "infer speedup over the mambapy scan")] == (round(6 / 0.3, 3), True)
+    assert got[(16, "infer speedup over the mambapy scan")] == (round(6 / 0.9, 3), False)
     report = benchmark.report({"device_name": "x", "torch": "t", "cuda": None, "timm": "t",
                                "triton": None, "mambapy": None, "python": "3", "threads": None,
                                "date": "d", "git_commit": None, "command": "c"},
