@@ -492,8 +492,7 @@ def describe_backends(name: str) -> str:
     """One line for logs: what was asked and what each device will run."""
     gpu = "n/a"
     if name in ("auto", "cuda", "triton"):
-        gpu = ("triton" if triton_available() else
-               "cuda" if cuda_kernels_available() else "torch") if name == "auto" else name
+        gpu = resolve_backend(name, torch.device("cuda")) if name == "auto" else name
     else:
         gpu = name
     cpu = "torch" if name in ("auto", "cuda", "triton") else name

@@ -253,7 +253,7 @@ if [ -n "$BUILD_PID" ]; then
         (cd "$WHEELS" && tar cf "$LOGS/cuda_wheels.tar" ./*.whl)
     fi
 fi
-"$PY" -c "import mamba_ssm.ops.selective_scan_interface, causal_conv1d; print('mamba-ssm and causal-conv1d import')" \
+"$PY" -c "import selective_scan_cuda, causal_conv1d; print('selective_scan_cuda and causal_conv1d import')" \
     >> "$BUILD_LOG" 2>&1
 if "$PY" -c "import selective_scan as s, sys; sys.exit(not (s.cuda_kernels_available() and s.load_causal_conv1d()))" \
     2>> "$BUILD_LOG"; then

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmark  # noqa: E402
 import selective_scan as ss  # noqa: E402
 
 SHAPES = {  # name: (batch, E, N, L, dt_rank)
@@ -156,13 +157,6 @@ def contiguous_inputs(inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
             for k, v in inputs.items()}
 
 
-def autotune_choices() -> Dict[str, str]:
-    import selective_scan_triton as sst
-    return {f"{name} {key}": str(config)
-            for name in ("_scan_fwd_kernel", "_scan_bwd_kernel")
-            for key, config in getattr(sst, name).cache.items()}
-
-
 def run(shapes: Sequence[str], backends: Sequence[str]) -> List[Dict[str, object]]:
     rows = []
     for shape in shapes:
@@ -220,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("scan_bench: needs a CUDA device", file=sys.stderr)
         return 2
     rows = run(args.shape, args.backend)
-    choices = autotune_choices() if "triton" in args.backend and ss.triton_available() else {}
+    choices = benchmark.triton_autotune_choices()
     for key, config in choices.items():
         print(f"autotuner: {key}: {config}")
     if args.json:
