@@ -359,40 +359,48 @@ class _Inputs:
         return t[..., :self.dim].transpose(1, 2).to(like.dtype)
 
 
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+    x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
+    out = torch.empty_like(x.u)
+    arrays = x.arrays() + (bool(delta_softplus), bool(reverse), out.numpy())
+    _run(_forward_jobs, _split(x.jobs(), torch.get_num_threads()), lambda i: arrays)
+    return x.to_sequence(out, u)
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
+    None for an absent optional input. Each job re-runs its forward first."""
+    x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
+    g_out = _channels_last(dout, x.work, x.pad)
+    du, ddelta, dz = torch.empty_like(x.u), torch.empty_like(x.u), torch.empty_like(x.z)
+    ranges = _split(x.jobs(), torch.get_num_threads())
+    # Per-task sums (tasks share channels or batch rows), added up below.
+    sums = [x.u.new_zeros(len(ranges), *t.shape) for t in (x.a_t, x.b_t, x.c_t, x.bias,
+                                                             x.bias)]
+    arrays = x.arrays() + (bool(delta_softplus), bool(reverse)) + tuple(
+        t.numpy() for t in (g_out, du, ddelta, dz))
+    _run(_backward_jobs, ranges, lambda i: arrays + tuple(t[i].numpy() for t in sums))
+    da, db, dc, dd, dbias = (t.sum(0) for t in sums)
+    return (x.to_sequence(du, u), x.to_sequence(ddelta, delta),
+            da[:, :x.dim].t().to(A.dtype), db.transpose(1, 2).to(B.dtype),
+            dc.transpose(1, 2).to(C.dtype), None if D is None else dd[:x.dim].to(D.dtype),
+            None if z is None else x.to_sequence(dz, z),
+            None if delta_bias is None else dbias[:x.dim].to(delta_bias.dtype))
+
+
 class _SelectiveScanCPU(torch.autograd.Function):
-    """Saves only the inputs (as the caller passed them, so that the model's recompute hooks
-    recognise u and delta); the backward kernel re-runs the forward per job."""
+    """Saves only the inputs; the backward kernel re-runs the forward per job."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
-        out = torch.empty_like(x.u)
-        flags = (bool(delta_softplus), bool(reverse))
-        arrays = x.arrays() + flags + (out.numpy(),)
-        _run(_forward_jobs, _split(x.jobs(), torch.get_num_threads()), lambda i: arrays)
-        ctx.flags = flags
+        ctx.flags = (bool(delta_softplus), bool(reverse))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return x.to_sequence(out, u)
+        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
-        g_out = _channels_last(dout, x.work, x.pad)
-        du, ddelta, dz = torch.empty_like(x.u), torch.empty_like(x.u), torch.empty_like(x.z)
-        ranges = _split(x.jobs(), torch.get_num_threads())
-        # Per-task sums (tasks share channels or batch rows), added up below.
-        sums = [x.u.new_zeros(len(ranges), *t.shape) for t in (x.a_t, x.b_t, x.c_t, x.bias,
-                                                                 x.bias)]
-        arrays = x.arrays() + ctx.flags + tuple(t.numpy() for t in (g_out, du, ddelta, dz))
-        _run(_backward_jobs, ranges,
-             lambda i: arrays + tuple(t[i].numpy() for t in sums))
-        da, db, dc, dd, dbias = (t.sum(0) for t in sums)
-        return (x.to_sequence(du, u), x.to_sequence(ddelta, delta),
-                da[:, :x.dim].t().to(A.dtype), db.transpose(1, 2).to(B.dtype),
-                dc.transpose(1, 2).to(C.dtype), None if D is None else dd[:x.dim].to(D.dtype),
-                None if z is None else x.to_sequence(dz, z),
-                None if delta_bias is None else dbias[:x.dim].to(delta_bias.dtype), None, None)
+        return scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,

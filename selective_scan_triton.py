@@ -393,70 +393,81 @@ def _boundary_slots(L: int) -> int:
     return max(triton.cdiv(L, min_block_l) - 1, 1)
 
 
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+    batch, E, L = u.shape
+    N = A.shape[1]
+    if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
+        raise ValueError(f"shape mismatch: u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(u.shape)}")
+    # The kernels index D and delta_bias as dense vectors (they are tiny).
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+    # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
+    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias, out,
+        E, N, L,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
+        BLOCK_N=triton.next_power_of_2(N),
+    )
+    return out
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
+    None for an absent optional input. The kernel first recomputes delta and the state at
+    each chunk boundary into scratch buffers that live for this call only."""
+    batch, E, L = u.shape
+    N = A.shape[1]
+    D = None if D is None else D.contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.contiguous()
+    block_n = triton.next_power_of_2(N)
+    dev, f32 = u.device, torch.float32
+    ckpt = torch.empty((batch, E, _boundary_slots(L), block_n), dtype=f32, device=dev)
+    dt = torch.empty((batch, E, L), dtype=f32, device=dev)
+    du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
+    ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
+    dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
+    dA = torch.zeros((E, N), dtype=f32, device=dev)
+    dB = torch.zeros((batch, N, L), dtype=f32, device=dev)
+    dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
+    dD = torch.zeros((E,), dtype=f32, device=dev)
+    dbias = torch.zeros((E,), dtype=f32, device=dev)
+    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias, dt, ckpt, dout,
+        du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
+        E, N, L, ckpt.stride(1),
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+        *dout.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=block_n,
+    )
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if D is None else dD.to(D.dtype), dz,
+            None if delta_bias is None else dbias.to(delta_bias.dtype))
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
-    """Keeps only its inputs for the backward, whose kernel first recomputes delta and the
-    state at each chunk boundary into scratch buffers that live for that kernel only."""
+    """Keeps only its inputs for the backward, whose kernel recomputes what it needs."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        batch, E, L = u.shape
-        N = A.shape[1]
-        if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
-            raise ValueError(f"shape mismatch: u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
-                             f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
-        if z is not None and z.shape != u.shape:
-            raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(u.shape)}")
-        # The kernels index D and delta_bias as dense vectors (they are tiny).
-        D = None if D is None else D.contiguous()
-        delta_bias = None if delta_bias is None else delta_bias.contiguous()
-        out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
-        # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
-        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias, out,
-            E, N, L,
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-            BLOCK_N=triton.next_power_of_2(N),
-        )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.flags = (bool(delta_softplus), bool(reverse))
-        return out
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        softplus, reverse = ctx.flags
-        batch, E, L = u.shape
-        N = A.shape[1]
-        block_n = triton.next_power_of_2(N)
-        dev, f32 = u.device, torch.float32
-        ckpt = torch.empty((batch, E, _boundary_slots(L), block_n), dtype=f32, device=dev)
-        dt = torch.empty((batch, E, L), dtype=f32, device=dev)
-        du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
-        ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
-        dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
-        dA = torch.zeros((E, N), dtype=f32, device=dev)
-        dB = torch.zeros((batch, N, L), dtype=f32, device=dev)
-        dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
-        dD = torch.zeros((E,), dtype=f32, device=dev)
-        dbias = torch.zeros((E,), dtype=f32, device=dev)
-        grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-        _scan_bwd_kernel[grid](
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias, dt, ckpt, dout,
-            du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
-            E, N, L, ckpt.stride(1),
-            *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-            *dout.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=softplus, REVERSE=reverse, BLOCK_N=block_n,
-        )
-        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                None if D is None else dD.to(D.dtype), dz,
-                None if delta_bias is None else dbias.to(delta_bias.dtype), None, None)
+        return scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
