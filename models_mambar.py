@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from selective_scan import (causal_conv1d_silu, describe_backends, get_scan, load_causal_conv1d,
-                            requested_backend, resolve_backend)
+from mixer_ops import channel_matmul, conv_silu, ssm_direction
+from selective_scan import describe_backends, get_scan, requested_backend, resolve_backend
 
 __all__ = ["MambaR", "VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm",
            "CheckpointError", "read_checkpoint", "model_state_dict", "load_state_dict_file",
@@ -83,127 +83,6 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.grid(x)
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               reverse: bool) -> torch.Tensor:
-    """Causal depthwise conv + SiLU in x's dtype; with ``reverse`` the anti-causal twin.
-
-    The anti-causal conv with the kernel mirrored equals flip -> causal conv -> flip, so the
-    backward direction needs no flipped copy of the sequence.
-    """
-    return F.silu(_conv_pre_activation(x, weight, bias, reverse)[0])
-
-
-def _conv_pre_activation(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         reverse: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The conv before SiLU (B, E, L), and the padded conv and the kernel that produced it."""
-    k = weight.shape[-1]
-    weight = weight.to(x.dtype).flip(-1) if reverse else weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    padded = F.conv1d(x, weight, bias, padding=k - 1, groups=x.shape[1])
-    return padded[..., k - 1:] if reverse else padded[..., :x.shape[-1]], padded, weight
-
-
-def _without_autocast(device: torch.device):
-    """Autocast off, on devices that have it (the meta device, where timm builds models to
-    inspect them, has none and refuses the context)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-class _ConvSiLU(torch.autograd.Function):
-    """``_conv_silu`` that keeps only its inputs for the backward and redoes the (cheap) conv
-    there; autograd would keep the pre-activation, one more tensor the size of x."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, reverse):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.reverse = reverse
-        # Casts are explicit (to x's dtype, as autocast would) so the redo matches exactly.
-        with _without_autocast(x.device):
-            return _conv_silu(x, weight, bias, reverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        k, channels, length = weight.shape[-1], x.shape[1], x.shape[-1]
-        with _without_autocast(grad.device):
-            pre, padded, kernel = _conv_pre_activation(x, weight, bias, ctx.reverse)
-            grad_padded = torch.zeros_like(padded)
-            (grad_padded[..., k - 1:] if ctx.reverse else grad_padded[..., :length]).copy_(
-                torch.ops.aten.silu_backward(grad.to(pre.dtype), pre))
-            dx, dkernel, dbias = torch.ops.aten.convolution_backward(
-                grad_padded, x, kernel, None if bias is None else [channels], [1], [k - 1],
-                [1], False, [0], channels, [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                            bias is not None and ctx.needs_input_grad[2]])
-        if dkernel is not None:
-            dkernel = (dkernel.flip(-1) if ctx.reverse else dkernel).to(weight.dtype)
-        if dbias is not None:
-            dbias = dbias.to(bias.dtype)
-        return dx, dkernel, dbias, None
-
-
-def _channel_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(O, I) @ (B, I, L) -> (B, O, L), channels-first in and out as the scan reads them.
-
-    One batched GEMM over a broadcast weight: the backward keeps x itself, where
-    ``torch.matmul`` would fold x into a transposed copy and keep that. The cast is explicit
-    (autocast would make the same one) so that recomputing the product matches exactly.
-    """
-    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
-
-
-class _RecomputeInBackward(torch.autograd.graph.saved_tensors_hooks):
-    """For the ops run inside: where one saves a tensor named in ``pairs`` (tensor, recompute),
-    keep a recipe instead and redo the tensor when the backward needs it. For tensors that
-    are cheap to redo but held by ops that are not (the scan). A ``recompute`` must not hold
-    its tensor. Hooks do not nest: inside, an outer hook (say, offloading to the CPU) does not
-    see what these ops save. Contexts built from the same pair share one recipe, so a tensor
-    saved by several ops is redone once and dropped after its last use."""
-
-    def __init__(self, *pairs: Tuple[torch.Tensor, "_Recipe"]):
-        recipes = {_tensor_key(t): recipe for t, recipe in pairs}
-
-        def pack(t: torch.Tensor):
-            recipe = recipes.get(_tensor_key(t))
-            if recipe is None:
-                return t
-            recipe.uses += 1
-            return recipe
-
-        def unpack(packed):
-            return packed.take() if isinstance(packed, _Recipe) else packed
-
-        super().__init__(pack, unpack)
-
-
-# Profiler range around each redo, so that benchmark.py can tell it from the scan's own time
-# (the first user of u and delta in the backward is the scan's backward node).
-RECOMPUTE_RANGE = "mambar.recompute"
-
-
-class _Recipe:
-    """How to redo one tensor in the backward; the result is kept until its last user has it."""
-
-    def __init__(self, recompute: Callable[[], torch.Tensor]):
-        self.recompute = recompute
-        self.uses = 0
-        self.value: Optional[torch.Tensor] = None
-
-    def take(self) -> torch.Tensor:
-        value = self.value
-        if value is None:
-            with torch.no_grad(), torch.profiler.record_function(RECOMPUTE_RANGE):
-                value = self.recompute()
-        self.uses -= 1
-        self.value = value if self.uses > 0 else None
-        return value
-
-
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 class BiMambaMixer(nn.Module):
@@ -265,27 +144,16 @@ class BiMambaMixer(nn.Module):
         else:
             conv, x_proj, dt_proj, a_log, d = (self.conv1d, self.x_proj, self.dt_proj,
                                                self.A_log, self.D)
-        cuda_conv = backend == "cuda" and load_causal_conv1d() is not None
-
-        def conv_silu() -> torch.Tensor:
-            if cuda_conv:
-                return causal_conv1d_silu(x, conv.weight, conv.bias, reverse)
-            return _ConvSiLU.apply(x, conv.weight, conv.bias, reverse)
-
-        # u and delta are each the size of x and cheap to redo: the backward recomputes them
-        # rather than keeping them for the whole step (Mamba-B, batch 128: 7 GB).
-        u = conv_silu()                                      # (B, E, L)
-        redo_u = (u, _Recipe(conv_silu))
-        with _RecomputeInBackward(redo_u):
-            x_dbl = _channel_matmul(x_proj.weight, u)        # (B, R + 2N, L)
+        if backend != "reference":
+            return ssm_direction(x, z, conv.weight, conv.bias, x_proj.weight, dt_proj.weight,
+                                 dt_proj.bias, a_log, d, reverse, backend)
+        # The same math under plain autograd: the oracle, which keeps u and delta.
+        u = conv_silu(x, conv.weight, conv.bias, reverse)                     # (B, E, L)
+        x_dbl = channel_matmul(x_proj.weight, u)                              # (B, R + 2N, L)
         dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = _channel_matmul(dt_proj.weight, dt)          # (B, E, L); bias goes to the scan
-        weight = dt_proj.weight
-        redo_delta = (delta, _Recipe(lambda: _channel_matmul(weight, dt)))
-        with _RecomputeInBackward(redo_u, redo_delta):
-            return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm,
-                                     d.float(), z, dt_proj.bias.float(), delta_softplus=True,
-                                     reverse=reverse)
+        delta = channel_matmul(dt_proj.weight, dt)              # (B, E, L); bias: in the scan
+        return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(),
+                                 z, dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
 
 
 class Block(nn.Module):

@@ -15,13 +15,16 @@ Backends:
   * ``reference``: a naive per-step loop under autograd; slow and obviously correct (the oracle).
   * ``torch``: on CPU tensors, the compiled scan of ``selective_scan_cpu.py`` (Numba: one fused
     pass per time step, every core busy) when Numba imports; otherwise, and on other devices,
-    the same loop in PyTorch ops vectorised over batch x channels x states inside a custom
-    autograd Function whose backward is its own reverse-time loop (``selective_scan_loop``).
+    the same loop in PyTorch ops vectorised over batch x channels x states, whose backward is
+    its own reverse-time loop (``selective_scan_loop``).
   * ``triton``: fused forward/backward kernels (``selective_scan_triton.py``), CUDA only.
   * ``cuda``: mamba-ssm's compiled kernel (its ``selective_scan_cuda`` extension), CUDA only,
     imported lazily, behind an autograd function that keeps only its inputs as the others do.
 
-``resolve_backend`` is the one place that picks a backend for a given device.
+``resolve_backend`` is the one place that picks a backend for a given device. ``get_scan``
+gives a backend's scan under autograd; ``scan_kernels`` gives the forward and backward of
+``torch``, ``triton`` and ``cuda`` as plain functions of the inputs, which the mixer's custom op
+(``mixer_ops.py``) calls.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import functools
 import importlib
 import logging
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,29 +107,6 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-# Below this many elements per time step, one thread runs a step faster than a team: the
-# per-step work is small and every op ends in a barrier, which stalls for a whole scheduler
-# slice whenever another process holds the other core.
-_ELEMENTS_PER_THREAD = 1 << 17
-
-
-class _StepThreads:
-    """Context manager: the intra-op thread count for per-step ops on (B, E, N) slabs."""
-
-    def __init__(self, slab: torch.Tensor):
-        self.saved = torch.get_num_threads()
-        wanted = max(1, min(self.saved, slab.numel() // _ELEMENTS_PER_THREAD))
-        self.wanted = wanted if slab.device.type == "cpu" else self.saved
-
-    def __enter__(self):
-        if self.wanted != self.saved:
-            torch.set_num_threads(self.wanted)
-
-    def __exit__(self, *exc):
-        if torch.get_num_threads() != self.saved:
-            torch.set_num_threads(self.saved)
-
-
 def _softplus(x: torch.Tensor) -> torch.Tensor:
     """``F.softplus`` (x itself above 20, as there and in mamba-ssm's kernel), computed as
     max(x, 0) + log1p(exp(-|x|)) with log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact to
@@ -152,115 +132,136 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
     return u_t, dt_raw, dt, A.to(work), b_t, c_t
 
 
-class _SelectiveScanTorch(torch.autograd.Function):
-    """Per-step loop over time, vectorised over (batch, channel, state).
+# The PyTorch loop: per-step loop over time, vectorised over (batch, channel, state). Each step
+# works on one (B, E, N) slab small enough to stay in cache: exp(delta_t*A), the input term,
+# the state update and the C contraction are done there rather than as whole-sequence
+# tensors, which would cost a trip through main memory per op. The backward runs the adjoint
+# recurrence the other way in time from the states h_t, likewise one slab per step, so it
+# allocates nothing else of the size of the states. Math in fp32 (fp64 for fp64 inputs, for
+# gradcheck).
 
-    Each step works on one (B, E, N) slab small enough to stay in cache: exp(delta_t*A), the
-    input term, the state update and the C contraction are done there rather than as
-    whole-sequence tensors, which would cost a trip through main memory per op. Only the
-    states h_t are kept for the backward, which runs the adjoint recurrence the other way in
-    time, likewise one slab per step, so it allocates nothing of the size of the states.
-    Math in fp32 (fp64 for fp64 inputs, for gradcheck).
-    """
+def _loop_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                  keep_states: bool):
+    """(out, states h_t (L, B, E, N) or None, pre-gate y (L, B, E) or None)."""
+    u_t, _, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    dtu = (dt * u_t).unsqueeze(-1)                                # (L, B, E, 1)
+    dt_col = dt.unsqueeze(-1)
+    length = u_t.shape[0]
+    # Without a backward to feed, two state slabs suffice: no page-faulting a fresh
+    # (L, B, E, N) buffer on every call.
+    states = u_t.new_empty(length if keep_states else 2, *u_t.shape[1:], a.shape[1])
+    y = torch.empty_like(dtu)
+    decay, inp = torch.empty_like(states[0]), torch.empty_like(states[0])
+    order = range(length - 1, -1, -1) if reverse else range(length)
+    prev = None
+    for i, t in enumerate(order):
+        state = states[t] if keep_states else states[i % 2]
+        if prev is None:
+            torch.mul(dtu[t], b_t[t], out=state)
+        else:
+            torch.mul(dt_col[t], a, out=decay).exp_()
+            torch.mul(dtu[t], b_t[t], out=inp)
+            torch.addcmul(inp, decay, prev, out=state)
+        torch.bmm(state, c_t[t].transpose(1, 2), out=y[t])
+        prev = state
+    y = y.squeeze(-1)                                             # (L, B, E)
+    if D is not None:
+        y = y + D.to(y.dtype) * u_t
+    out = y if z is None else y * F.silu(z.to(y.dtype).permute(2, 0, 1))
+    out = out.permute(1, 2, 0).to(u.dtype)
+    return out, states if keep_states else None, y if z is not None else None
+
+
+def _loop_backward(u, delta, A, B, C, D, z, delta_bias, states, y, dout, delta_softplus,
+                   reverse):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from ``_loop_forward``'s
+    states and pre-gate output; None for an absent optional input."""
+    u_t, dt_raw, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    g_out = dout.to(u_t.dtype).permute(2, 0, 1)                   # (L, B, E)
+    dz = None
+    if z is not None:
+        z_t = z.to(u_t.dtype).permute(2, 0, 1)
+        sig = torch.sigmoid(z_t)
+        dz = g_out * y * sig * (1 + z_t * (1 - sig))
+        dy = g_out * z_t * sig
+    else:
+        dy = g_out
+    dy_col = dy.unsqueeze(-1).contiguous()                        # (L, B, E, 1)
+    dtu = (dt * u_t).unsqueeze(-1)
+    dt_col = dt.unsqueeze(-1)
+    length, batch, dim = u_t.shape
+    state_dim = a.shape[1]
+    g_b = torch.empty_like(dtu)                                   # sum_n g_t B_t
+    dB = u_t.new_empty(length, batch, state_dim, 1)
+    dC = torch.empty_like(dB)
+    ddt = torch.zeros_like(dtu)                                   # via exp(delta A)
+    grad_a = torch.zeros_like(states[0])                          # summed over B later
+    slab = lambda: torch.empty_like(states[0])  # noqa: E731
+    grad, grad_later, decay, decay_later, scratch = slab(), slab(), slab(), slab(), slab()
+    forward_order = list(range(length - 1, -1, -1) if reverse else range(length))
+    # g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1}, walked against time.
+    for i in range(length - 1, -1, -1):
+        t = forward_order[i]
+        torch.mul(dy_col[t], c_t[t], out=grad)
+        if i < length - 1:
+            grad.addcmul_(decay_later, grad_later)
+        torch.bmm(grad, b_t[t].transpose(1, 2), out=g_b[t])
+        torch.bmm(grad.transpose(1, 2), dtu[t], out=dB[t])
+        torch.bmm(states[t].transpose(1, 2), dy_col[t], out=dC[t])
+        if i > 0:
+            # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}
+            torch.mul(dt_col[t], a, out=decay).exp_()
+            torch.mul(grad, decay, out=scratch).mul_(states[forward_order[i - 1]])
+            grad_a.addcmul_(scratch, dt_col[t])
+            torch.sum(scratch.mul_(a), -1, keepdim=True, out=ddt[t])
+            decay, decay_later = decay_later, decay
+        grad, grad_later = grad_later, grad
+    g_b, ddt = g_b.squeeze(-1), ddt.squeeze(-1)
+    ddt += g_b * u_t
+    du = g_b * dt
+    dD = None
+    if D is not None:
+        du = du + dy * D.to(du.dtype)
+        dD = (dy * u_t).sum((0, 1))
+    if delta_softplus:
+        ddt = ddt * torch.sigmoid(dt_raw)
+    dbias = None if delta_bias is None else ddt.sum((0, 1)).to(delta_bias.dtype)
+
+    def seq(t, like):  # (L, B, X) -> (B, X, L) in the input's dtype
+        return t.permute(1, 2, 0).to(like.dtype)
+
+    return (seq(du, u), seq(ddt, delta), grad_a.sum(0).to(A.dtype),
+            seq(dB.squeeze(-1), B), seq(dC.squeeze(-1), C),
+            None if dD is None else dD.to(D.dtype), None if dz is None else seq(dz, z),
+            dbias)
+
+
+def loop_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    return _loop_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, False)[0]
+
+
+def loop_scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+    """The loop's backward from the inputs alone: its forward again, keeping the states."""
+    _, states, y = _loop_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse,
+                                 True)
+    return _loop_backward(u, delta, A, B, C, D, z, delta_bias, states, y, dout,
+                          delta_softplus, reverse)
+
+
+class _SelectiveScanTorch(torch.autograd.Function):
+    """The loop under autograd, keeping its states for the backward (no second forward)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        u_t, _, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-        dtu = (dt * u_t).unsqueeze(-1)                                # (L, B, E, 1)
-        dt_col = dt.unsqueeze(-1)
-        length = u_t.shape[0]
-        # Without a backward to feed, two state slabs suffice: no page-faulting a fresh
-        # (L, B, E, N) buffer on every call.
-        training = any(ctx.needs_input_grad)
-        states = u_t.new_empty(length if training else 2, *u_t.shape[1:], a.shape[1])
-        y = torch.empty_like(dtu)
-        decay, inp = torch.empty_like(states[0]), torch.empty_like(states[0])
-        order = range(length - 1, -1, -1) if reverse else range(length)
-        with _StepThreads(states[0]):
-            prev = None
-            for i, t in enumerate(order):
-                state = states[t] if training else states[i % 2]
-                if prev is None:
-                    torch.mul(dtu[t], b_t[t], out=state)
-                else:
-                    torch.mul(dt_col[t], a, out=decay).exp_()
-                    torch.mul(dtu[t], b_t[t], out=inp)
-                    torch.addcmul(inp, decay, prev, out=state)
-                torch.bmm(state, c_t[t].transpose(1, 2), out=y[t])
-                prev = state
-        y = y.squeeze(-1)                                             # (L, B, E)
-        if D is not None:
-            y = y + D.to(y.dtype) * u_t
-        out = y if z is None else y * F.silu(z.to(y.dtype).permute(2, 0, 1))
-        ctx.delta_softplus = delta_softplus
-        ctx.reverse = reverse
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states,
-                              y if z is not None else None)
-        return out.permute(1, 2, 0).to(u.dtype)
+        out, states, y = _loop_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       reverse, any(ctx.needs_input_grad))
+        ctx.flags = (delta_softplus, reverse)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, y)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, states, y = ctx.saved_tensors
-        u_t, dt_raw, dt, a, b_t, c_t = _prepare(u, delta, A, B, C, delta_bias,
-                                                ctx.delta_softplus)
-        g_out = dout.to(u_t.dtype).permute(2, 0, 1)                   # (L, B, E)
-        dz = None
-        if z is not None:
-            z_t = z.to(u_t.dtype).permute(2, 0, 1)
-            sig = torch.sigmoid(z_t)
-            dz = g_out * y * sig * (1 + z_t * (1 - sig))
-            dy = g_out * z_t * sig
-        else:
-            dy = g_out
-        dy_col = dy.unsqueeze(-1).contiguous()                        # (L, B, E, 1)
-        dtu = (dt * u_t).unsqueeze(-1)
-        dt_col = dt.unsqueeze(-1)
-        length, batch, dim = u_t.shape
-        state_dim = a.shape[1]
-        g_b = torch.empty_like(dtu)                                   # sum_n g_t B_t
-        dB = u_t.new_empty(length, batch, state_dim, 1)
-        dC = torch.empty_like(dB)
-        ddt = torch.zeros_like(dtu)                                   # via exp(delta A)
-        grad_a = torch.zeros_like(states[0])                          # summed over B later
-        slab = lambda: torch.empty_like(states[0])  # noqa: E731
-        grad, grad_later, decay, decay_later, scratch = slab(), slab(), slab(), slab(), slab()
-        forward_order = list(range(length - 1, -1, -1) if ctx.reverse else range(length))
-        with _StepThreads(states[0]):
-            # g_t = dL/dh_t = dy_t C_t + exp(delta_{t+1} A) g_{t+1}, walked against time.
-            for i in range(length - 1, -1, -1):
-                t = forward_order[i]
-                torch.mul(dy_col[t], c_t[t], out=grad)
-                if i < length - 1:
-                    grad.addcmul_(decay_later, grad_later)
-                torch.bmm(grad, b_t[t].transpose(1, 2), out=g_b[t])
-                torch.bmm(grad.transpose(1, 2), dtu[t], out=dB[t])
-                torch.bmm(states[t].transpose(1, 2), dy_col[t], out=dC[t])
-                if i > 0:
-                    # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}
-                    torch.mul(dt_col[t], a, out=decay).exp_()
-                    torch.mul(grad, decay, out=scratch).mul_(states[forward_order[i - 1]])
-                    grad_a.addcmul_(scratch, dt_col[t])
-                    torch.sum(scratch.mul_(a), -1, keepdim=True, out=ddt[t])
-                    decay, decay_later = decay_later, decay
-                grad, grad_later = grad_later, grad
-        g_b, ddt = g_b.squeeze(-1), ddt.squeeze(-1)
-        ddt += g_b * u_t
-        du = g_b * dt
-        dD = None
-        if D is not None:
-            du = du + dy * D.to(du.dtype)
-            dD = (dy * u_t).sum((0, 1))
-        if ctx.delta_softplus:
-            ddt = ddt * torch.sigmoid(dt_raw)
-        dbias = None if delta_bias is None else ddt.sum((0, 1)).to(delta_bias.dtype)
-
-        def seq(t, like):  # (L, B, X) -> (B, X, L) in the input's dtype
-            return t.permute(1, 2, 0).to(like.dtype)
-
-        return (seq(du, u), seq(ddt, delta), grad_a.sum(0).to(A.dtype),
-                seq(dB.squeeze(-1), B), seq(dC.squeeze(-1), C),
-                None if dD is None else dD.to(D.dtype), None if dz is None else seq(dz, z),
-                dbias, None, None)
+        return _loop_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
 
 
 def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -313,51 +314,59 @@ def _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse: bool) -> tuple
             param(D), _kernel_layout(z, reverse), param(delta_bias))
 
 
-class _SelectiveScanCuda(torch.autograd.Function):
-    """mamba-ssm's kernel under the contract of the other backends: it keeps only its inputs.
+def _cuda_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """mamba-ssm's forward kernel; its chunk states and pre-gate output are dropped.
 
     mamba-ssm's own autograd function keeps the contiguous (here also flipped) copies it scans
-    and its pre-gate output, none of which the mixer's recompute hooks can release: Mamba®-B
-    at batch 128 trained in 28 GB through it against 12 GB with the Triton scan. Here the
-    copies exist only while a kernel runs, and the backward reruns the forward kernel for the
-    pre-gate output (and the chunk states past 2048 tokens) that the backward kernel reads:
-    one scan forward more per step, for the memory of the other backends.
+    and its pre-gate output: Mamba®-B at batch 128 trained in 28 GB through it against 12 GB
+    with the Triton scan. Here the copies exist only while a kernel runs, and the backward
+    reruns this kernel for what its own kernel reads: one scan forward more per step, for the
+    memory of the other backends.
     """
+    args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
+    out, _, *gated = _load_cuda_kernel().fwd(*args, bool(delta_softplus))
+    y = gated[0] if z is not None else out
+    return y.flip(-1) if reverse else y
+
+
+def _cuda_scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+    kernel = _load_cuda_kernel()
+    softplus = bool(delta_softplus)
+    args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
+    out, states, *_ = kernel.fwd(*args, softplus)
+    du, ddelta, dA, dB, dC, dD, dbias, *dz = kernel.bwd(
+        *args, _kernel_layout(dout, reverse), states, out if z is not None else None,
+        None, softplus, False)
+
+    def seq(grad, like):
+        grad = grad.flip(-1) if reverse else grad
+        return grad.to(like.dtype)
+    return (seq(du, u), seq(ddelta, delta), dA.to(A.dtype), seq(dB.squeeze(1), B),
+            seq(dC.squeeze(1), C), None if D is None else dD.to(D.dtype),
+            None if z is None else seq(dz[0], z),
+            None if delta_bias is None else dbias.to(delta_bias.dtype))
+
+
+class _KernelScan(torch.autograd.Function):
+    """A (forward, backward) kernel pair under autograd, keeping only the inputs."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
-        out, _, *gated = _load_cuda_kernel().fwd(*args, bool(delta_softplus))
+    def forward(ctx, kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        ctx.kernels, ctx.flags = kernels, (bool(delta_softplus), bool(reverse))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.flags = (bool(delta_softplus), bool(reverse))
-        y = gated[0] if z is not None else out
-        return y.flip(-1) if reverse else y
+        return kernels[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
     @staticmethod
     def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-        softplus, reverse = ctx.flags
-        kernel = _load_cuda_kernel()
-        args = _cuda_scan_args(u, delta, A, B, C, D, z, delta_bias, reverse)
-        out, states, *_ = kernel.fwd(*args, softplus)
-        du, ddelta, dA, dB, dC, dD, dbias, *dz = kernel.bwd(
-            *args, _kernel_layout(dout, reverse), states, out if z is not None else None,
-            None, softplus, False)
-
-        def seq(grad, like):
-            grad = grad.flip(-1) if reverse else grad
-            return grad.to(like.dtype)
-        return (seq(du, u), seq(ddelta, delta), dA.to(A.dtype), seq(dB.squeeze(1), B),
-                seq(dC.squeeze(1), C), None if D is None else dD.to(D.dtype),
-                None if z is None else seq(dz[0], z),
-                None if delta_bias is None else dbias.to(delta_bias.dtype), None, None)
+        grads = ctx.kernels[1](*ctx.saved_tensors, dout, *ctx.flags)
+        return (None,) + tuple(grads) + (None, None)
 
 
 def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                         delta_softplus=True, reverse=False):
-    """mamba-ssm's selective scan kernel (see ``_SelectiveScanCuda``), CUDA tensors only."""
-    return _SelectiveScanCuda.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                    reverse)
+    """mamba-ssm's selective scan kernel, keeping only its inputs; CUDA tensors only."""
+    return _KernelScan.apply((_cuda_scan_forward, _cuda_scan_backward), u, delta, A, B, C, D,
+                             z, delta_bias, delta_softplus, reverse)
 
 
 @functools.lru_cache(maxsize=None)
@@ -398,40 +407,14 @@ def load_causal_conv1d() -> Optional[Callable]:
         return None
 
 
-class _CausalConvSiLUCuda(torch.autograd.Function):
-    """causal-conv1d's conv + SiLU keeping only its input x (a view of in_proj's output,
-    which the mixer keeps anyway), not the contiguous, flipped copy the kernel reads; the
-    backward runs the (cheap) conv again, under autograd, for its gradients."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, reverse):
-        with torch.no_grad():
-            u = load_causal_conv1d()(_kernel_layout(x, reverse), weight.squeeze(1), bias,
-                                     activation="silu")
-        ctx.save_for_backward(x, weight, bias)
-        ctx.reverse = reverse
-        return u.flip(-1) if reverse else u
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias = ctx.saved_tensors
-        leaves = [_kernel_layout(x, ctx.reverse).detach().requires_grad_(True),
-                  weight.detach().requires_grad_(True)]
-        if bias is not None:
-            leaves.append(bias.detach().requires_grad_(True))
-        with torch.enable_grad():
-            u = load_causal_conv1d()(leaves[0], leaves[1].squeeze(1),
-                                     leaves[2] if bias is not None else None, activation="silu")
-            grads = torch.autograd.grad(u, leaves, _kernel_layout(grad, ctx.reverse))
-        dx = grads[0].flip(-1) if ctx.reverse else grads[0]
-        return dx, grads[1], grads[2] if bias is not None else None, None
-
-
 def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        reverse: bool) -> torch.Tensor:
     """SiLU(depthwise causal conv) of x (B, E, L) with an nn.Conv1d weight (E, 1, K) through
-    causal-conv1d's kernel; with ``reverse`` the anti-causal conv of the backward direction."""
-    return _CausalConvSiLUCuda.apply(x, weight, bias, reverse)
+    causal-conv1d's kernel (differentiable through its own autograd function); with
+    ``reverse`` the anti-causal conv of the backward direction."""
+    u = load_causal_conv1d()(_kernel_layout(x, reverse), weight.squeeze(1), bias,
+                             activation="silu")
+    return u.flip(-1) if reverse else u
 
 
 def cuda_kernels_available() -> bool:
@@ -486,6 +469,26 @@ def get_scan(backend: str) -> Callable:
     if backend == "triton":
         return _load_triton_scan()
     raise ValueError(f"not a concrete scan backend: {backend!r}")
+
+
+def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
+    """The (forward, backward) functions of a concrete backend for tensors on ``device``:
+    ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse) -> out`` and
+    ``backward(<the same inputs>, dout, delta_softplus, reverse) -> (du, ddelta, dA, dB, dC,
+    dD, dz, d delta_bias)``, None for an absent input. The backward needs only the inputs:
+    custom ops (``mixer_ops.py``) call these, and autograd does not run inside an op."""
+    if backend == "torch":
+        if device.type == "cpu" and _load_cpu_scan() is not None:
+            module = importlib.import_module("selective_scan_cpu")
+            return module.scan_forward, module.scan_backward
+        return loop_scan_forward, loop_scan_backward
+    if backend == "triton":
+        module = importlib.import_module("selective_scan_triton")
+        return module.scan_forward, module.scan_backward
+    if backend == "cuda":
+        return _cuda_scan_forward, _cuda_scan_backward
+    raise ValueError(f"no kernels for scan backend {backend!r} (the reference is plain "
+                     f"autograd)")
 
 
 def describe_backends(name: str) -> str:

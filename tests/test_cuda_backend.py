@@ -14,6 +14,7 @@ import torch
 
 import models_mambar  # noqa: F401  (registers the models)
 import models_vim  # noqa: F401
+import mixer_ops
 import selective_scan as ss
 from models_mambar import BiMambaMixer
 
@@ -120,11 +121,15 @@ def test_cuda_backend_calls_both_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    assert ss.get_scan("cuda") is ss.selective_scan_cuda
-    monkeypatch.setattr(models_mambar, "get_scan",
-                        lambda backend: counted("scan", ss.get_scan(backend)))
-    monkeypatch.setattr(models_mambar, "causal_conv1d_silu",
-                        counted("conv", ss.causal_conv1d_silu))
+    real_kernels = mixer_ops.scan_kernels
+
+    def kernels(backend, device):
+        forward, backward = real_kernels(backend, device)
+        assert forward is ss._cuda_scan_forward
+        return counted("scan", forward), backward
+
+    monkeypatch.setattr(mixer_ops, "scan_kernels", kernels)
+    monkeypatch.setattr(mixer_ops, "causal_conv1d_silu", counted("conv", ss.causal_conv1d_silu))
     mixer = BiMambaMixer(64, scan_backend="cuda").cuda()
     with torch.no_grad():
         mixer(torch.randn(1, 33, 64, device="cuda"))
@@ -133,8 +138,8 @@ def test_cuda_backend_calls_both_kernels(monkeypatch):
 
 def test_cuda_backend_keeps_no_more_for_the_backward_than_triton():
     """What a forward leaves allocated for its backward (the graph's saved tensors) is no
-    larger with mamba-ssm's kernels than with the Triton scan: the glue keeps only its inputs,
-    so the mixer's recompute hooks release u and delta on both."""
+    larger with mamba-ssm's kernels than with the Triton scan: the mixer's op keeps only its
+    inputs with either."""
     torch.manual_seed(0)
     model = timm.create_model("mambar_tiny_patch16_224").cuda()
     x = torch.randn(16, 3, 224, 224, device="cuda")

@@ -1,0 +1,157 @@
+"""The mixer's custom op (one scan direction: conv, projections, scan) against the spec's math
+under plain autograd, for every scan backend that runs here; what it keeps; its registration."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mixer_ops
+import selective_scan as ss
+from test_selective_scan import fake_causal_conv1d, fake_cuda_extension
+
+E, N, R, K = 12, 4, 2, 4          # channels, states, dt rank, conv width
+PARAMS = ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias",
+          "A_log", "D")
+
+
+def make_direction(batch=2, length=9, dtype=torch.float64, seed=0):
+    """x and z as the mixer passes them (channel halves of a transposed in_proj output, so
+    channel-minor views of one tensor), and one direction's parameters."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+                + offset).to(dtype)
+
+    xz = rand(batch, length, 2 * E).requires_grad_()
+    params = dict(conv_weight=rand(E, 1, K, scale=0.5), conv_bias=rand(E, scale=0.1),
+                  x_proj_weight=rand(R + 2 * N, E, scale=0.3), dt_proj_weight=rand(E, R),
+                  dt_proj_bias=rand(E, scale=0.3, offset=-1.0),
+                  A_log=torch.log(torch.rand(E, N, generator=gen, dtype=torch.float64) * 3 + 0.5
+                                  ).to(dtype),
+                  D=rand(E))
+    return xz, {k: v.requires_grad_() for k, v in params.items()}
+
+
+def split_xz(xz):
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)
+    return x, z
+
+
+def spec_direction(x, z, p, reverse):
+    """The spec written out: the backward direction is the forward one on flipped copies."""
+    if reverse:
+        x, z = x.flip(-1), z.flip(-1)
+    u = F.silu(F.conv1d(F.pad(x, (K - 1, 0)), p["conv_weight"], p["conv_bias"], groups=E))
+    dt, b, c = torch.einsum("oi,bil->bol", p["x_proj_weight"], u).split([R, N, N], dim=1)
+    delta = torch.einsum("er,brl->bel", p["dt_proj_weight"], dt)
+    # As the official mixer: A, D and the dt bias go to the scan in fp32.
+    y = ss.selective_scan_reference(u, delta, -torch.exp(p["A_log"].float()), b, c,
+                                    p["D"].float(), z, p["dt_proj_bias"].float(),
+                                    delta_softplus=True)
+    return y.flip(-1) if reverse else y
+
+
+def run_op(xz, params, reverse, backend):
+    x, z = split_xz(xz)
+    return mixer_ops.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend)
+
+
+def grads_of(out, xz, params, g):
+    return torch.autograd.grad(out, [xz, *params.values()], g)
+
+
+def triton_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        import triton.language as tl
+    except ImportError:
+        return False
+    return isinstance(tl.standard.zeros, InterpretedFunction)
+
+
+# What the ``torch`` backend runs on the CPU (compiled with Numba, or the PyTorch loop without
+# it), mamba-ssm's kernels with the oracle standing in, and the Triton kernels, interpreted.
+IMPLS = ["compiled", "loop", "cuda", "triton"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_op_matches_the_spec_with_every_gradient(monkeypatch, impl, reverse):
+    backend, dtype, tol = "torch", torch.float64, dict(rtol=1e-7, atol=1e-9)
+    calls = []
+    if impl == "loop":
+        monkeypatch.setattr(ss, "_load_cpu_scan", lambda: None)
+    elif impl == "cuda":
+        # The stand-in gates in fp32, as the kernel does.
+        backend, tol = "cuda", dict(rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension(calls))
+
+        def conv(*args, **kwargs):
+            calls.append("conv")
+            return fake_causal_conv1d(*args, **kwargs)
+        for module in (ss, mixer_ops):
+            monkeypatch.setattr(module, "load_causal_conv1d", lambda: conv)
+    elif impl == "triton":
+        if not triton_interpreted():
+            pytest.skip("Triton is not running in its interpreter here")
+        backend, dtype, tol = "triton", torch.float32, dict(rtol=1e-4, atol=1e-5)
+    xz, params = make_direction(length=21, dtype=dtype)
+    want = spec_direction(*split_xz(xz), params, reverse)
+    got = run_op(xz, params, reverse, backend)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(want)
+    names = ["xz", *params]
+    for name, a, b in zip(names, grads_of(got, xz, params, g), grads_of(want, xz, params, g)):
+        torch.testing.assert_close(a, b, **tol, msg=f"{impl}: gradient of {name}")
+    if impl == "cuda":
+        # The conv kernel in the forward; the scan's forward kernel again in the backward.
+        assert calls == ["conv", "fwd", "fwd", "bwd"]
+
+
+def test_op_keeps_only_its_inputs_for_the_backward():
+    """x and z (views of in_proj's output) and the weights: not u, delta, the conv's
+    pre-activation or the projection, each redone in the backward."""
+    xz, params = make_direction()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = run_op(xz, params, False, "torch")
+    storages = {t.untyped_storage().data_ptr() for t in kept}
+    allowed = {t.untyped_storage().data_ptr() for t in [xz, *params.values()]}
+    assert storages == allowed
+    assert out.grad_fn is not None
+
+
+def test_op_registration_passes_torch_library_opcheck():
+    """Schema, fake (shape-only) implementation, autograd registration and AOT dispatch, as
+    torch.compile will use them."""
+    xz, params = make_direction(dtype=torch.float32)
+    x, z = split_xz(xz)
+    for reverse in (False, True):
+        torch.library.opcheck(mixer_ops.ssm_direction,
+                              (x, z, *(params[k] for k in PARAMS), reverse, "torch"))
+    with torch.no_grad():
+        dout = torch.randn(x.shape)
+    torch.library.opcheck(mixer_ops.ssm_direction_backward,
+                          (dout, x.detach(), z.detach(),
+                           *(params[k].detach() for k in PARAMS), True, "torch"))
+
+
+def test_op_under_bf16_autocast_returns_input_dtypes():
+    """Under autocast x and z arrive in bf16 (in_proj's output) and the weights in fp32: the
+    output is bf16 and every gradient comes back in its input's dtype."""
+    xz, params = make_direction(dtype=torch.float32)
+    xz_bf16 = xz.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_op(xz_bf16, params, True, "torch")
+    assert got.dtype == torch.bfloat16
+    grads = grads_of(got.float(), xz_bf16, params, torch.ones(got.shape))
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * len(params)
+    want = spec_direction(*split_xz(xz), params, True)
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_backend_without_kernels_is_refused():
+    xz, params = make_direction()
+    with pytest.raises(ValueError, match="reference"):
+        run_op(xz, params, False, "reference")
