@@ -78,7 +78,8 @@ import torch.nn.functional as F
 
 import models_mambar  # registers the mambar_* models with timm; routed_scan patches it
 import models_vim  # noqa: F401  (registers the vim_* baselines)
-from models_mambar import RECOMPUTE_RANGE, MambaR, VisionMambaBackbone
+from mixer_ops import RECOMPUTE_RANGE, SCAN_BACKWARD_RANGE, SCAN_RANGE
+from models_mambar import MambaR, VisionMambaBackbone
 from selective_scan import requested_backend, resolve_backend
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -268,11 +269,13 @@ def selective_scan_mambapy(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 @contextlib.contextmanager
 def routed_scan(wrap: Callable[[str, Callable], Callable]) -> Iterator[List[int]]:
-    """Make the Mamba mixers run ``wrap(backend, scan)`` instead of the backend's scan.
+    """Make the Mamba mixers' reference path run ``wrap(backend, scan)`` instead of the
+    backend's scan.
 
-    ``models_mambar`` looks ``get_scan`` up on every forward, so patching its module global
-    reroutes every model, already built or not. Yields a one-element call counter: a caller
-    that relies on the route checks it, so a refactored mixer cannot silently bypass it.
+    The reference path (``scan_backend="reference"``: plain autograd around the scan) looks
+    ``get_scan`` up on every forward, so patching its module global reroutes every model, already
+    built or not. Yields a one-element call counter: a caller that relies on the route checks
+    it, so a refactored mixer cannot silently bypass it.
     """
     original = models_mambar.get_scan
     calls = [0]
@@ -310,8 +313,9 @@ class Config:
 def build_model(name: str, img_size: int, backend: str, device: torch.device) -> nn.Module:
     kwargs: Dict[str, Any] = dict(pretrained=False, num_classes=1000, img_size=img_size)
     if is_mamba(name):
-        # mambapy replaces the torch backend's scan at run time (routed_scan).
-        kwargs["scan_backend"] = "torch" if backend == "mambapy" else backend
+        # mambapy replaces the scan of the reference path at run time (routed_scan): the
+        # official mixer's plain-autograd structure around mambapy's scan.
+        kwargs["scan_backend"] = "reference" if backend == "mambapy" else backend
     # Built on the target device directly: initialising Base/Large on the CPU takes seconds.
     with torch.device(device):
         model = timm.create_model(name, **kwargs)
@@ -381,13 +385,15 @@ def time_steps(step: Callable[[], None], warmup: int, iters: int, device: torch.
     return times[0], times[warmup:]
 
 
-SCAN_RANGE = "mambar.selective_scan"
-# Backward nodes of the scan autograd Functions: ours (torch, triton), mamba-ssm's, mambapy's.
-_SCAN_BACKWARD = re.compile(r"(selectivescan|pscan)\w*backward", re.IGNORECASE)
+# The mixer's op runs its scan's forward and backward inside these profiler ranges; on the
+# reference path (the reference and mambapy backends) measure_scan_share wraps the scan's
+# forward in SCAN_RANGE, and mambapy's backward is its pscan autograd node.
+_SCAN_RANGES = (SCAN_RANGE, SCAN_BACKWARD_RANGE)
+_PSCAN_BACKWARD = re.compile(r"pscan\w*backward", re.IGNORECASE)
 
 
 def _is_scan_event(name: str) -> bool:
-    return name == SCAN_RANGE or bool(_SCAN_BACKWARD.search(name))
+    return name in _SCAN_RANGES or bool(_PSCAN_BACKWARD.search(name))
 
 
 def top_kernels(kernels: Sequence[Any], steps: int, n: int = 15) -> List[Tuple[str, float, int]]:
@@ -407,16 +413,17 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
                        ) -> Dict[str, Any]:
     """Share of a training step spent in the selective scan, from ``torch.profiler``.
 
-    Each scan call runs inside a ``record_function`` range (the forward) and its autograd node
-    (``...SelectiveScan...Backward``, the backward); the outermost such events are summed,
-    less the recomputation of u and delta that the scan's backward node triggers (the model's
-    ``RECOMPUTE_RANGE``, reported as ``recompute_ms``).
+    The mixer's op runs the scan's forward and backward inside ``record_function`` ranges
+    (``mixer_ops.SCAN_RANGE``, ``SCAN_BACKWARD_RANGE``); on the reference path the scan's
+    forward is wrapped in the same range here. The outermost such events are summed. The op's
+    backward redoes the conv and projections (u, delta) first, in ``RECOMPUTE_RANGE``, reported
+    apart as ``recompute_ms``.
     On CUDA the share is their kernels' time over all kernels' time (``share``) and over the
     step's wall time (``share_of_step``); ``share_by_kernel_name`` cross-checks with kernels
     whose name contains "scan" (Triton's and mamba-ssm's; the torch backend's kernels are
     generic, so it reads ~0 there). On CPU it is their CPU time over the wall time. For the
-    ``reference`` and ``mambapy`` backends the backward of the elementwise work around the
-    scan is plain autograd and is not attributed.
+    ``reference`` and ``mambapy`` backends the backward of the scan's elementwise work is plain
+    autograd and is not attributed (for mambapy, only its pscan backward node is).
     """
     def ranged(_backend: str, scan: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -427,7 +434,7 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with routed_scan(ranged) as calls:
+    with routed_scan(ranged):
         _sync(device)
         with torch.profiler.profile(activities=activities) as prof:
             start = time.perf_counter()
@@ -435,28 +442,29 @@ def measure_scan_share(step: Callable[[], None], device: torch.device, steps: in
                 step()
             _sync(device)
             wall_us = (time.perf_counter() - start) * 1e6
-    if not calls[0]:
-        raise RuntimeError("the model never called get_scan; scan share cannot be attributed")
     events = prof.events()
     cpu = torch.autograd.DeviceType.CPU
     outermost, redone = [], []
     for evt in events:
         # record_function also leaves a GPU-side annotation of the same name: skip it here.
-        if evt.device_type != cpu or not (_is_scan_event(evt.name) or evt.name == RECOMPUTE_RANGE):
+        if evt.device_type != cpu:
             continue
-        parent = evt.cpu_parent
-        while parent is not None and not _is_scan_event(parent.name):
-            parent = parent.cpu_parent
         if evt.name == RECOMPUTE_RANGE:
-            if parent is not None:
-                redone.append(evt)
-        elif parent is None:
-            outermost.append(evt)
+            redone.append(evt)
+        elif _is_scan_event(evt.name):
+            parent = evt.cpu_parent
+            while parent is not None and not _is_scan_event(parent.name):
+                parent = parent.cpu_parent
+            if parent is None:
+                outermost.append(evt)
+    if not outermost:
+        raise RuntimeError("no scan ran inside the profiler's scan ranges; scan share cannot "
+                           "be attributed")
     # An event's time with its children's: its kernels' on CUDA, its CPU time otherwise.
     total_us = operator.attrgetter(
         "device_time_total" if device.type == "cuda" else "cpu_time_total")
     redo_us = sum(total_us(e) for e in redone)
-    scan_us = sum(total_us(e) for e in outermost) - redo_us
+    scan_us = sum(total_us(e) for e in outermost)
     result: Dict[str, Any] = {"steps": steps, "step_ms": wall_us / steps / 1e3,
                               "scan_ms": scan_us / steps / 1e3,
                               "recompute_ms": redo_us / steps / 1e3}
