@@ -31,19 +31,32 @@ Design, and why:
   delta (bias, softplus) once per token and channel into an fp32 scratch (2x the bytes of
   u), then walks the chunks forwards, writing each boundary state to a second scratch
   (7.8x u for the shortest candidate chunks, 4 tokens); both live for one backward scan
-  only. Then it rebuilds each chunk's states from the one before it with one forward scan.
-  It walks the chunks last-to-first and runs the adjoint recurrence g_s = dy_s C_s +
+  only. Then it walks the chunks last-to-first, rebuilds each chunk's states from the
+  state before it with one forward scan, and runs the adjoint recurrence g_s = dy_s C_s +
   exp(delta_{s+1} A) g_{s+1} as a forward scan over the chunk flipped in time: a flip of a
   thread-local axis is free register renaming, while ``reverse=True`` compiles to many
-  warp shuffles. delta_{s+1} is read from memory at the shifted address (a cached load)
-  rather than shifting a register tile. g is carried across chunks like h.
+  warp shuffles. The adjoint's decays are the recompute's, shifted by one token with a
+  scan whose operator keeps the previous element (``_shift``: renaming once compiled), so
+  the backward takes two exponentials per state element (boundary pass, recompute), not
+  three; the later chunk's exp(delta A) g at its first token is carried in registers.
+* Where this design stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a, Triton 3.8):
+  best forward + best backward candidate 64.2 instructions and 3.72 MUFU per state
+  element, against issue 12's targets of 30 and 2.5. What stands between: the boundary
+  pass (an exponential and ~4 instructions per element) exists because registers cannot
+  hold a chunk long enough for forward-saved boundary states to fit the memory budget
+  (the adjoint needs two values per element: decay and state), and the sums over the
+  channels for dB and dC are warp shuffles. All states of a channel in one thread, with
+  the batch on the lanes, was tried: the per-thread B and C tiles and the two values per
+  element need more than 255 registers even at 2-token chunks, and it spills.
 * Reductions before atomics: dB/dC are summed over the program's channel block, and dA, dD
   and d(delta_bias) over the program's whole sequence, before one fp32 atomic add each.
 * Block sizes: BLOCK_L, BLOCK_E, N_LANES and num_warps are autotuned per (E, N, L) on the
   GPU, each kernel on its own (longer chunks: less per-chunk overhead; shorter: fewer
-  registers, more warps per SM). Every candidate compiles for sm_90a with at most a few
-  bytes of spills (``scripts/kernel_stats.py`` shows the figures; a CPU test checks them). Under TRITON_INTERPRET=1 (CPU tests) one small config is used and
-  tensors stay on the CPU.
+  registers, more warps per SM). Every candidate compiles for sm_90a without spills, in
+  both directions (``scripts/kernel_stats.py`` shows the figures; CPU tests check them).
+  The forward's candidates include all 16 states of a channel in one thread (no shuffles
+  for the sums over states, the per-token work done once per channel). Under
+  TRITON_INTERPRET=1 (CPU tests) one small config is used and tensors stay on the CPU.
 """
 from __future__ import annotations
 
@@ -76,19 +89,47 @@ def _configs(candidates):
 
 
 _FWD_CONFIGS = _configs([(4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 4, 32), (8, 2, 32),
-                         (8, 4, 8)])
-# The backward keeps more tiles live: shorter chunks. (With 16 state lanes it issued more
-# instructions for more registers than (8, 4, 8); 16-token chunks with 8 lanes spill.) Its
+                         (8, 4, 8), (1, 4, 8)])
+# The backward keeps more tiles live (the decays stay in registers for the adjoint): shorter
+# chunks. (With 16 state lanes it issued more instructions for more registers than (8, 4, 8);
+# 16-token chunks with 8 lanes, and (4, 4, 8), spill.) Its
 # scratch holds a state per channel at every chunk boundary of the shortest chunks listed:
 # 4 tokens make that 0.64 GB for one Mamba-B scan at batch 128, 2 would double it and the
 # traffic of writing and reading it.
-_BWD_CONFIGS = _configs([(8, 4, 8), (8, 2, 8), (4, 4, 8), (4, 2, 4, 2), (4, 1, 4, 2)])
+_BWD_CONFIGS = _configs([(8, 4, 8), (8, 2, 8), (4, 2, 4, 2), (4, 1, 4, 2)])
 
 
 @triton.jit
 def _affine_combine(a1, b1, a2, b2):
     # Composition of h -> a1 h + b1 followed by h -> a2 h + b2.
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _first(a, b):
+    return a
+
+
+@triton.jit
+def _last(a, b):
+    return b
+
+
+@triton.jit
+def _shift_combine(x1, p1, one1, x2, p2, one2):
+    # Runs summarised as (last element, the one before it, whether the run is one element
+    # long): an associative operator, so an inclusive scan of it is the sequence shifted by one.
+    return x2, tl.where(one2 != 0, x1, p2), one1 & one2 & 0
+
+
+@triton.jit
+def _shift(x):
+    """x moved one position along axis 0 (position k gets x[k - 1], position 0 gets 0). Time
+    sits in each thread's registers, so once the compiler folds the constant flags this is
+    register renaming, not arithmetic."""
+    _, prev, _ = tl.associative_scan((x, tl.zeros_like(x), tl.full(x.shape, 1, tl.int32)), 0,
+                                     _shift_combine)
+    return prev
 
 
 @triton.jit
@@ -184,7 +225,7 @@ def _chunk_states(u, dt, Bt, A2, h, first):
     dBu = _te(dt * u) * _tn(Bt)
     _, hs = tl.associative_scan((dA, tl.where(first, dBu + dA * h[None], dBu)), 0,
                                 _affine_combine)
-    return hs, dBu
+    return hs, dBu, dA
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])
@@ -221,7 +262,6 @@ def _scan_fwd_kernel(
     z_base = z_ptr + b * s_z_b
     out_base = out_ptr + b * E * L + e[None, :] * L
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
-    last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
 
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, tl.cdiv(L, BLOCK_L)):
@@ -229,9 +269,9 @@ def _scan_fwd_kernel(
         u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
         dt = _delta(_load_te(dt_base, t, e, s_dt_l, s_dt_e, mask), bias, mask, HAS_BIAS,
                     SOFTPLUS)
-        hs, _ = _chunk_states(u, dt, _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h,
-                              first)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        hs, _, _ = _chunk_states(u, dt, _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h,
+                                 first)
+        h = tl.reduce(hs, 0, _last)
         y = _sum_n(hs * _tn(_load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)))
         if HAS_D:
             y += D[None, :] * u
@@ -281,7 +321,6 @@ def _scan_bwd_kernel(
     bnl_base = b * N * L + n[None, :, :] * L       # dB, dC: contiguous fp32 (batch, N, L)
     ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * s_ckpt_e + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
-    last = (tl.arange(0, BLOCK_L) == BLOCK_L - 1)[:, None, None, None]
     n_chunks = tl.cdiv(L, BLOCK_L)
 
     # Pass 0: delta after bias and softplus, once per (token, channel), into an fp32 scratch
@@ -298,10 +337,10 @@ def _scan_bwd_kernel(
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for c in range(0, n_chunks - 1):
         _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
-        hs, _ = _chunk_states(_load_te(u_base, t, e, s_u_l, s_u_e, mask),
-                              tl.load(dt_ptr + row_base + t[:, None], mask=mask, other=0.0),
-                              _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h, first)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+        hs, _, _ = _chunk_states(_load_te(u_base, t, e, s_u_l, s_u_e, mask),
+                                 tl.load(dt_ptr + row_base + t[:, None], mask=mask, other=0.0),
+                                 _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask), A2, h, first)
+        h = tl.reduce(hs, 0, _last)
         tl.store(ckpt_ptrs + c * BLOCK_N, h, mask=en_mask)
     tl.debug_barrier()  # pass 2 reads states other threads of this program wrote
 
@@ -309,13 +348,11 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    g_next = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)  # g at the next chunk's start
+    # exp(delta_{s+1} A) g_{s+1} at the first position s + 1 of the chunk processed before.
+    carry = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        s, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
-        # Scan position s + 1 (the step after t in scan order) for the adjoint's decay.
-        t_next = t - 1 if REVERSE else t + 1
-        mask_next = ((s + 1) < L)[:, None] & e_mask[None, :]
+        _, t, mask, nl_mask = _chunk_positions(c, L, e_mask, n_mask, BLOCK_L, REVERSE)
 
         if c > 0:
             h0 = tl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask, other=0.0)
@@ -324,8 +361,7 @@ def _scan_bwd_kernel(
         u = _load_te(u_base, t, e, s_u_l, s_u_e, mask)
         dt = tl.load(dt_ptr + row_base + t[:, None], mask=mask, other=0.0)
         Bt = _load_tn(B_base, t, n, s_B_l, s_B_n, nl_mask)
-        hs, dBu = _chunk_states(u, dt, Bt, A2, h0, first)
-        dt_next = tl.load(dt_ptr + row_base + t_next[:, None], mask=mask_next, other=0.0)
+        hs, _, dA = _chunk_states(u, dt, Bt, A2, h0, first)
         Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
         dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
 
@@ -340,21 +376,21 @@ def _scan_bwd_kernel(
                      mask=mask)
             dy = dout * zt * sig
 
-        # dC needs the states, the adjoint below only exp(delta_s A) h_{s-1} = h_s - dBu_s:
-        # one state tile instead of two stays live through it.
         dC = tl.sum(hs * _te(dy), axis=2)  # over this program's channels, before the atomics
         tl.atomic_add(dC_ptr + bnl_base + t[:, None, None], dC, mask=nl_mask, sem="relaxed")
-        ah = hs - dBu
+        # exp(delta_s A) h_{s-1} as a product, the states shifted by one token: h_s - dBu_s
+        # would cancel to noise where the decay underflows and h_s is all input term.
+        ah = dA * tl.where(first, h0[None], _shift(hs))
 
         # Adjoint: g_s = dy_s C_s + exp(delta_{s+1} A) g_{s+1}, run from the chunk's end. Time
         # sits in each thread's registers, so flipping it is free, while a reverse=True scan
-        # compiles to many warp shuffles. g_next is folded into the first (flipped) term.
-        dA_next = tl.flip(tl.exp2(_te(dt_next) * A2[None]), 0)
+        # compiles to many warp shuffles. The decays are the recompute's, shifted by one token
+        # (no second exponential); the later chunk's term is folded into the first one.
         dyC = tl.flip(_te(dy) * _tn(Ct), 0)
-        _, g = tl.associative_scan((dA_next, tl.where(first, dyC + dA_next * g_next[None], dyC)),
+        _, g = tl.associative_scan((_shift(tl.flip(dA, 0)), tl.where(first, dyC + carry[None], dyC)),
                                    0, _affine_combine)
         g = tl.flip(g, 0)
-        g_next = tl.sum(tl.where(first, g, 0.0), axis=0)
+        carry = tl.reduce(dA * g, 0, _first)
 
         gh = g * ah  # g_s exp(delta_s A) h_{s-1}
         gB = _sum_n(g * _tn(Bt))

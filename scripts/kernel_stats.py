@@ -12,7 +12,9 @@ arguments equal to 1 become constants, those divisible by 16 are marked so, and 
 are 16-byte aligned. "per element" is the kernel's static instruction count (alignment NOPs
 left out) divided by the state elements one thread handles per chunk (BLOCK_L x states per
 thread x channels per thread): the per-chunk loop bodies dominate the kernel, so it
-approximates the instructions issued per state element and token. A kernel that is
+approximates the instructions issued per state element and token. The last line sums the
+best forward and best backward candidate (fewest per element), the figure issue 12 sets
+targets for, with their MUFU (exponential, reciprocal) instructions per element. A kernel that is
 issue-bound runs in roughly (per element) x batch x E x N x L / (32 x warp issue rate).
 """
 from __future__ import annotations
@@ -117,12 +119,28 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
     elements = kw["BLOCK_L"] * (FLAGS["BLOCK_N"] / lanes) * channels_per_thread
     return dict(kernel=jit.__name__, N_LANES=kw["N_LANES"], num_warps=warps,
                 BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
-                BLOCK_E=kw["BLOCK_E"], reverse=reverse,
+                BLOCK_E=kw["BLOCK_E"], reverse=reverse, elements=elements,
                 registers=_number(r"Used (\d+) registers", log, "register count"),
                 spill_stores=_number(r"(\d+) bytes spill stores", log, "spill stores"),
                 spill_loads=_number(r"(\d+) bytes spill loads", log, "spill loads"),
                 instructions=instructions, per_element=round(instructions / elements, 1),
+                mufu_per_element=round(ops["MUFU"] / elements, 2),
                 ops={op: ops[op] for op in SHOWN_OPS})
+
+
+def best_pair(reports: list) -> dict:
+    """The issue's static figures from forward-direction reports: the forward and backward
+    candidates with the fewest instructions per state element, and their sums."""
+    best = {}
+    for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
+        mine = [r for r in reports if r["kernel"] == name and not r["reverse"]]
+        if not mine:
+            raise StatsError(f"no forward-direction report of {name}")
+        best[name] = min(mine, key=lambda r: r["per_element"])
+    fwd, bwd = best["_scan_fwd_kernel"], best["_scan_bwd_kernel"]
+    return dict(fwd=fwd, bwd=bwd,
+                per_element=round(fwd["per_element"] + bwd["per_element"], 1),
+                mufu_per_element=round(fwd["mufu_per_element"] + bwd["mufu_per_element"], 2))
 
 
 def parse_config(text: str) -> triton.Config:
@@ -162,7 +180,8 @@ def main() -> int:
         print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px; "
               f"config = state lanes, warps, BLOCK_L, channels per thread (as --config takes)")
         print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'instr':>7}"
-              f"{'/elem':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
+              f"{'/elem':>7}{'MUFU/e':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
+    reports = []
     for name in names:
         tuner = KERNELS[name]
         for config in args.config or tuner.configs:
@@ -172,6 +191,7 @@ def main() -> int:
                 except StatsError as err:
                     print(f"error: {name} {config}: {err}", file=sys.stderr)
                     return 1
+                reports.append(s)
                 if args.json:
                     print(json.dumps(s), flush=True)
                     continue
@@ -179,8 +199,13 @@ def main() -> int:
                        f"{s['channels_per_thread']:g}")
                 print(f"{name:<7}{cfg:<12}{'yes' if reverse else 'no':<5}{s['registers']:>5}"
                       f"{s['spill_stores']:>5}/{s['spill_loads']:<4}{s['instructions']:>7}"
-                      f"{s['per_element']:>7}  "
+                      f"{s['per_element']:>7}{s['mufu_per_element']:>7}  "
                       + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)
+    if not args.json and len(names) == 2 and False in directions:
+        pair = best_pair(reports)
+        print(f"best forward + best backward: {pair['fwd']['per_element']} + "
+              f"{pair['bwd']['per_element']} = {pair['per_element']} instructions, "
+              f"{pair['mufu_per_element']} MUFU per state element")
     return 0
 
 

@@ -142,6 +142,7 @@ def check_against(scan_a, scan_b, batch, E, N, L, dtype=torch.float32, tol=1e-4,
 @pytest.mark.parametrize("batch,E,N,L", [
     (2, 8, 4, 5),      # one partial chunk
     (2, 8, 4, 16),     # exactly one chunk
+    (1, 8, 4, 17),     # one chunk and one token: the backward's one boundary state
     (2, 12, 8, 37),    # partial channel block, three chunks, the last partial
     (1, 8, 16, 70),    # d_state of the model, five chunks
     (1, 8, 6, 20),     # d_state not a power of two
@@ -149,6 +150,28 @@ def check_against(scan_a, scan_b, batch, E, N, L, dtype=torch.float32, tol=1e-4,
 def test_fp32_matches_oracle(batch, E, N, L, reverse):
     check_against(selective_scan_triton, selective_scan_reference, batch, E, N, L,
                   reverse=reverse)
+
+
+def test_long_sequence_in_reverse():
+    # 796 tokens (448 px): 50 chunks, the last one partial, walked from the end.
+    check_against(selective_scan_triton, selective_scan_reference, 1, 8, 4, 796, reverse=True)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_decays_that_underflow(reverse):
+    # delta |A| up to ~2000: exp(delta A) is 0 in fp32 for most states, 1e-6 to 1 for the
+    # smallest |A|; the adjoint reuses these decays, which must not turn into 0 * inf.
+    leaves, args = make_inputs(1, 8, 4, 37)
+    with torch.no_grad():
+        args["delta_bias"].add_(100.0)
+    check = lambda scan: scan(*(args[k] for k in NAMES), reverse=reverse)  # noqa: E731
+    out, ref = check(selective_scan_triton), check(selective_scan_reference)
+    assert rel_err(out, ref) < 1e-4
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout)
+    for k, a, b in zip(leaves, grads, ref_grads):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, k
 
 
 @pytest.mark.parametrize("block_l", [4, 8, 32])
@@ -284,21 +307,61 @@ def run_kernel_stats(*args):
 
 # scripts/kernel_stats.py compiles every autotuning config of both kernels for an H100
 # (sm_90a) without a GPU, with the specialisations a model's call gets, and reports ptxas's
-# register and spill figures. The interpreter checks the kernels' numbers, not that they
-# compile, nor whether they spill.
-@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
-def test_kernels_compile_for_h100_with_at_most_a_few_spilled_registers():
+# register and spill figures and the SASS instruction counts. The interpreter checks the
+# kernels' numbers, not that they compile, nor what they cost.
+@pytest.fixture(scope="module")
+def stats_reports():
+    if HAS_CUDA:
+        pytest.skip("on a GPU the kernels themselves are compiled and run")
     done = run_kernel_stats("--reverse", "both", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {(r["kernel"], r["reverse"]) for r in reports} == {
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def best_pair(reports):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), "scripts"))
+    from kernel_stats import best_pair as pair
+    return pair(reports)
+
+
+def test_every_candidate_compiles_for_h100_without_spills(stats_reports):
+    assert {(r["kernel"], r["reverse"]) for r in stats_reports} == {
         (kernel, reverse) for kernel in ("_scan_fwd_kernel", "_scan_bwd_kernel")
         for reverse in (False, True)}
-    for report in reports:
-        # A few registers' worth of spills cost little (they stay in L1); chunks too long
-        # for the registers spill hundreds of bytes per thread.
-        assert report["spill_stores"] <= 64 and report["spill_loads"] <= 64, report
+    for report in stats_reports:
+        # Issue 12: no candidate the autotuner may pick spills, in either direction.
+        assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
         assert report["instructions"] > 300 and report["ops"]["MUFU"] > 0, report
+
+
+# What the kernels reached on Triton 3.8 (best forward + best backward candidate at the
+# Base call, sm_90a): a ratchet, so a change that makes them cost more fails here.
+REACHED = {"3.8": 64.5}
+REACHED_MUFU = 3.75
+
+
+def test_static_counts_do_not_regress(stats_reports):
+    pair = best_pair(stats_reports)
+    assert pair["mufu_per_element"] <= REACHED_MUFU, pair
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version not in REACHED:
+        pytest.skip(f"no figure recorded for Triton {version}")
+    assert pair["per_element"] <= REACHED[version], pair
+
+
+# Issue 12's static targets. Not reached by the plain-Triton design in this module (see its
+# docstring): strict, so the day they hold this test fails as XPASS and the marker must go.
+TARGETS = {"3.8": 30.0, "3.6": 34.0}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
+                   "state element) are not reached yet")
+def test_static_targets_of_issue_12(stats_reports):
+    pair = best_pair(stats_reports)
+    version = ".".join(triton.__version__.split(".")[:2])
+    assert pair["mufu_per_element"] <= 2.5, pair
+    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
