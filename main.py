@@ -78,6 +78,9 @@ def get_args_parser():
                         help="redo each block's forward in the backward instead of keeping its "
                              "activations (for Large or high resolution; about one more "
                              "forward per step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile (one graph: the mixer's "
+                             "scan is a custom op); the first steps pay the compilation")
     parser.add_argument("--model-ema", action="store_true",
                         help="keep an EMA of the weights and evaluate it too (default)")
     parser.add_argument("--no-model-ema", action="store_false", dest="model_ema")
@@ -444,6 +447,11 @@ def run(args, device, stop):
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
                                         else None)
+    # Checkpoints and the EMA read model_without_ddp, never a compiled wrapper (whose
+    # state_dict keys gain a prefix).
+    model_eval = model_without_ddp
+    if args.compile:
+        model, model_eval = torch.compile(model), torch.compile(model_without_ddp)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f"number of params: {n_parameters}")
 
@@ -470,11 +478,12 @@ def run(args, device, stop):
     tracker = utils.MlflowRun(args, {**vars(args), "n_parameters": n_parameters}, args.mlflow)
     try:
         if args.eval:
-            code = run_eval(loader_val, dataset_val, state, device, amp_dtype, args, tracker)
+            code = run_eval(loader_val, dataset_val, model_eval, state, device, amp_dtype, args,
+                            tracker)
         else:
-            code = run_training(model, criterion, loader_train, loader_val, state, device,
-                                amp_dtype, mixup_fn, start_epoch, start_step, stop, args,
-                                tracker, n_parameters)
+            code = run_training(model, model_eval, criterion, loader_train, loader_val, state,
+                                device, amp_dtype, mixup_fn, start_epoch, start_step, stop,
+                                args, tracker, n_parameters)
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -482,9 +491,9 @@ def run(args, device, stop):
     return code
 
 
-def run_eval(loader_val, dataset_val, state, device, amp_dtype, args, tracker):
+def run_eval(loader_val, dataset_val, model_eval, state, device, amp_dtype, args, tracker):
     stats = {f"test_{k}": v for k, v in
-             evaluate(loader_val, state["model"], device, amp_dtype, args.print_freq).items()}
+             evaluate(loader_val, model_eval, device, amp_dtype, args.print_freq).items()}
     print(f"Accuracy of the network on the {len(dataset_val)} test images: "
           f"{stats['test_acc1']:.1f}%")
     if state["model_ema"] is not None:
@@ -497,8 +506,8 @@ def run_eval(loader_val, dataset_val, state, device, amp_dtype, args, tracker):
     return 0
 
 
-def run_training(model, criterion, loader_train, loader_val, state, device, amp_dtype, mixup_fn,
-                 start_epoch, start_step, stop, args, tracker, n_parameters):
+def run_training(model, model_eval, criterion, loader_train, loader_val, state, device, amp_dtype,
+                 mixup_fn, start_epoch, start_step, stop, args, tracker, n_parameters):
     """The epoch loop; returns the process exit code (0, or 128 + signal when stopped)."""
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -512,7 +521,7 @@ def run_training(model, criterion, loader_train, loader_val, state, device, amp_
         if next_step is not None:
             save(state, epoch, next_step, args, best=False)
             return stopped(stop, epoch, next_step, args)
-        test_stats = evaluate(loader_val, state["model"], device, amp_dtype, args.print_freq)
+        test_stats = evaluate(loader_val, model_eval, device, amp_dtype, args.print_freq)
         stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"test_{k}": v for k, v in test_stats.items()}}
         candidates = {"model": test_stats["acc1"]}

@@ -285,13 +285,10 @@ class VisionMambaBackbone(nn.Module):
 
     def _block(self, layer: Block, hidden: torch.Tensor, residual: Optional[torch.Tensor]
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.grad_checkpointing and torch.is_grad_enabled() and hidden.requires_grad:
-            # Re-entrant: the block runs without a graph and is redone, graph and all, in the
-            # backward, where the mixer's own saved-tensor hooks (recompute) work unchanged.
-            # The non-reentrant variant saves through hooks that the mixer's hooks shadow, so
-            # what the scan and x_proj keep (and the in_proj output) would stay alive. The
-            # re-entrant one needs an input that requires grad, hence the test on hidden.
-            return checkpoint(layer, hidden, residual, use_reentrant=True)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant: what the block's ops save goes through checkpoint's hooks and is
+            # dropped, then redone in the backward; torch.compile traces it as one region.
+            return checkpoint(layer, hidden, residual, use_reentrant=False)
         return layer(hidden, residual)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

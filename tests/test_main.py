@@ -306,3 +306,38 @@ def test_three_stages_and_eval_with_two_processes(launcher, tmp_path, monkeypatc
         lr = {r.info.run_name: float(r.data.params["lr_scaled"]) for r in runs}
         assert (lr["pt"], lr["mid"], lr["ft"]) == pytest.approx((5e-4 * 4 / 512, 2e-4 * 4 / 512,
                                                                  1e-5))
+
+
+def test_compile_flag_trains_and_evaluates_compiled_models_and_saves_plain_weights(
+        tmp_path, monkeypatch):
+    """--compile: training and evaluation call torch.compile's wrappers, and the checkpoint
+    holds the plain model's keys, which an uncompiled model loads strictly. (Dynamo's "eager"
+    backend here, to keep the test short; test_models checks Inductor's numbers.)"""
+    data = make_image_folder(tmp_path / "data")
+    compiled, trained, evaluated = [], [], []
+    real_compile, real_train, real_evaluate = torch.compile, main.train_one_epoch, main.evaluate
+
+    def recording_compile(module):
+        compiled.append(real_compile(module, backend="eager"))
+        return compiled[-1]
+
+    def recording_train(model, *args, **kwargs):
+        trained.append(model)
+        return real_train(model, *args, **kwargs)
+
+    def recording_evaluate(loader, model, *args, **kwargs):
+        evaluated.append(model)
+        return real_evaluate(loader, model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(main, "train_one_epoch", recording_train)
+    monkeypatch.setattr(main, "evaluate", recording_evaluate)
+    out = tmp_path / "out"
+    code = main.cli(["--model", TINY, "--data-path", data, "--input-size", "32", "--batch", "4",
+                     "--epochs", "1", "--num_workers", "0", "--no-mlflow", "--no-model-ema",
+                     "--compile", "--output_dir", str(out)])
+    assert code == 0 and len(compiled) == 2
+    assert trained == [compiled[0]] and evaluated == [compiled[1]]
+    state_dict = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    model = timm.create_model(TINY, num_classes=2, img_size=32)
+    model.load_state_dict(state_dict, strict=True)

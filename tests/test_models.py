@@ -711,3 +711,11 @@ def test_compiled_model_matches_eager(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for (name, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_torch_compile_sees_no_graph_breaks_with_grad_checkpointing(monkeypatch):
+    model, x, y = compile_case(monkeypatch, "torch")
+    model.set_grad_checkpointing(True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        step = torch._dynamo.explain(train_step)(model, x, y)
+    assert (step.graph_count, step.graph_break_count) == (1, 0), step.break_reasons

@@ -65,8 +65,8 @@ def build(argv, monkeypatch, world_size=1):
 
     built = {}
 
-    def capture(model, criterion, loader_train, loader_val, state, device, amp_dtype, mixup_fn,
-                *rest):
+    def capture(model, model_eval, criterion, loader_train, loader_val, state, device, amp_dtype,
+                mixup_fn, *rest):
         built.update(model=model, criterion=criterion, loader_train=loader_train, state=state,
                      mixup_fn=mixup_fn)
         return 0
