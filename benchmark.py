@@ -308,6 +308,7 @@ class Config:
     threads: Optional[int] = None
     scan_share: bool = False
     profile_steps: int = 3
+    compile: bool = False  # the model through torch.compile (default Inductor backend)
 
 
 def build_model(name: str, img_size: int, backend: str, device: torch.device) -> nn.Module:
@@ -521,24 +522,26 @@ def measure(cfg: Config) -> Dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.img_size, cfg.backend, device)
+    net = build_model(cfg.model, cfg.img_size, cfg.backend, device)
+    # Compilation happens in the first step, reported apart as first_step_s.
+    model = torch.compile(net) if cfg.compile else net
     x = torch.randn(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device)
-    y = torch.randint(0, model.num_classes, (cfg.batch,), device=device)
+    y = torch.randint(0, net.num_classes, (cfg.batch,), device=device)
     dtype = AUTOCAST_DTYPES[cfg.dtype]
     if cfg.mode == "train":
         step = make_train_step(model, x, y, dtype)
     else:
         step = make_infer_step(model, x, dtype)
     row = _base_row(cfg)
-    if isinstance(model, VisionMambaBackbone):
-        row["tokens"] = model.patch_embed.num_patches + (
-            model.num_registers if isinstance(model, MambaR) else 1)
+    if isinstance(net, VisionMambaBackbone):
+        row["tokens"] = net.patch_embed.num_patches + (
+            net.num_registers if isinstance(net, MambaR) else 1)
         row["backend_resolved"] = ("mambapy" if cfg.backend == "mambapy" else
                                    resolve_backend(requested_backend(cfg.backend), device))
     else:
-        row["tokens"] = model.patch_embed.num_patches + model.num_prefix_tokens
+        row["tokens"] = net.patch_embed.num_patches + net.num_prefix_tokens
         row["backend_resolved"] = ATTENTION_BACKEND
-    row["params"] = sum(p.numel() for p in model.parameters())
+    row["params"] = sum(p.numel() for p in net.parameters())
     row["rss_base_mb"] = _rss_mb()
     with contextlib.ExitStack() as stack:
         if cfg.backend == "mambapy":
@@ -555,11 +558,11 @@ def measure(cfg: Config) -> Dict[str, Any]:
             row["peak_mem_basis"] = "ru_maxrss of the measuring process"
             if row["rss_base_mb"] is not None:
                 row["workload_mb"] = row["peak_mem_mb"] - row["rss_base_mb"]
-        if cfg.scan_share and cfg.mode == "train" and isinstance(model, VisionMambaBackbone):
+        if cfg.scan_share and cfg.mode == "train" and isinstance(net, VisionMambaBackbone):
             row["scan_profile"] = measure_scan_share(step, device, cfg.profile_steps)
     if row.get("backend_resolved") == "triton":
         row["triton_configs"] = triton_autotune_choices()
-    flops = model_flops(model)
+    flops = model_flops(net)
     median = statistics.median(times)
     row.update(step_s=median, step_s_all=times, first_step_s=first,
                img_per_s=cfg.batch / median, flops=flops,
@@ -642,14 +645,15 @@ def plan(args: argparse.Namespace) -> List[Config]:
             entries.append((name, ATTENTION_BACKEND))
     entries = list(dict.fromkeys(entries))  # a DeiT named explicitly and as a partner: once
     modes = ("infer", "train") if args.mode == "both" else (args.mode,)
+    compiled = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     sweep_batch = parse_sweep_batch(args.sweep_batch)
     return [Config(model=name, img_size=size, batch=batch_for(size, args.batch, sweep_batch),
                    dtype=dtype, backend=backend, device=args.device, mode=mode,
                    warmup=args.warmup, iters=args.iters, threads=args.threads,
                    scan_share=args.scan_share and is_mamba(name),
-                   profile_steps=args.profile_steps)
+                   profile_steps=args.profile_steps, compile=compile_model)
             for size in args.input_size for dtype in args.dtype
-            for name, backend in entries for mode in modes]
+            for name, backend in entries for compile_model in compiled for mode in modes]
 
 
 def _version(package: str) -> Optional[str]:
@@ -727,11 +731,17 @@ def _ok(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [r for r in rows if "error" not in r]
 
 
+def _backend_label(r: Dict[str, Any], resolved: bool = True) -> str:
+    """The row's scan backend (attention for DeiT), "+compile" when torch.compile ran it."""
+    name = r.get("backend_resolved", r["backend"]) if resolved else r["backend"]
+    return name + ("+compile" if r.get("compile") else "")
+
+
 def results_table(rows: Sequence[Dict[str, Any]]) -> str:
     body = []
     for r in rows:
         head = [_short(r["model"]), r["img_size"], r.get("tokens", "-"), r["batch"], r["dtype"],
-                r.get("backend_resolved", r["backend"]), r["mode"]]
+                _backend_label(r), r["mode"]]
         if "error" in r:
             body.append(head + [f"ERROR: {r['error']}"] + [""] * 7)
             continue
@@ -745,14 +755,16 @@ def results_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def deit_comparison(rows: Sequence[Dict[str, Any]]) -> List[List[Any]]:
-    """A Mamba model against its DeiT partner measured with the same size, batch, dtype and mode."""
-    deit = {(r["model"],) + _key(r): r for r in _ok(rows) if r["family"] == "deit"}
+    """A Mamba model against its DeiT partner measured with the same size, batch, dtype, mode
+    and compilation."""
+    deit = {(r["model"], r.get("compile")) + _key(r): r for r in _ok(rows)
+            if r["family"] == "deit"}
     out = []
     for r in _ok(rows):
-        partner = deit.get((deit_partner(r["model"]),) + _key(r))
+        partner = deit.get((deit_partner(r["model"]), r.get("compile")) + _key(r))
         if r["family"] == "mamba" and partner:
             out.append([_short(r["model"]), r["img_size"], r["batch"], r["dtype"], r["mode"],
-                        r["backend_resolved"], _short(partner["model"]),
+                        _backend_label(r), _short(partner["model"]),
                         f"{r['img_per_s'] / partner['img_per_s']:.2f}x",
                         f"{_mem(r) / _mem(partner):.2f}x",
                         f"{r['flops']['total'] / partner['flops']['total']:.2f}x",
@@ -764,17 +776,18 @@ def backend_comparison(rows: Sequence[Dict[str, Any]]) -> Tuple[Optional[str], L
     """Every Mamba model's backend against a baseline backend of the same configuration: mambapy
     when it was measured (issue 2), otherwise the first backend of the run."""
     mamba = [r for r in _ok(rows) if r["family"] == "mamba"]
-    backends = list(dict.fromkeys(r["backend"] for r in mamba))
+    backends = list(dict.fromkeys(_backend_label(r, resolved=False) for r in mamba))
     if len(backends) < 2:
         return None, []
     baseline = "mambapy" if "mambapy" in backends else backends[0]
-    base = {(r["model"],) + _key(r): r for r in mamba if r["backend"] == baseline}
+    base = {(r["model"],) + _key(r): r for r in mamba
+            if _backend_label(r, resolved=False) == baseline}
     out = []
     for r in mamba:
         ref = base.get((r["model"],) + _key(r))
         if ref is not None and r is not ref:
             out.append([_short(r["model"]), r["img_size"], r["batch"], r["dtype"], r["mode"],
-                        r["backend_resolved"], _rate(r["img_per_s"]), _rate(ref["img_per_s"]),
+                        _backend_label(r), _rate(r["img_per_s"]), _rate(ref["img_per_s"]),
                         f"{r['img_per_s'] / ref['img_per_s']:.2f}x", _fmt(r["step_s"], 3),
                         _fmt(ref["step_s"], 3), _fmt(r["peak_mem_mb"], 0),
                         _fmt(ref["peak_mem_mb"], 0), f"{_mem(r) / _mem(ref):.2f}x"])
@@ -952,6 +965,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps [3 on CUDA, 1 on CPU]")
     parser.add_argument("--iters", type=int, help="timed steps [10 on CUDA, 3 on CPU]")
     parser.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                        help="run the models through torch.compile; both: each eagerly and "
+                             "compiled, compared in the backend table")
     parser.add_argument("--scan-share", action="store_true",
                         help="profile the training step and report the scan's share")
     parser.add_argument("--profile-steps", type=int, default=3,
@@ -994,7 +1010,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _progress(index: int, total: int, row: Dict[str, Any]) -> str:
     label = (f"[{index}/{total}] {_short(row['model'])} {row['img_size']}px b{row['batch']} "
-             f"{row['dtype']} {row.get('backend_resolved', row['backend'])} {row['mode']}")
+             f"{row['dtype']} {_backend_label(row)} {row['mode']}")
     if "error" in row:
         return f"{label}: ERROR {row['error']}"
     return (f"{label}: {row['img_per_s']:,.2f} img/s, {row['step_s']:.3f} s/step, "

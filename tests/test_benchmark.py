@@ -245,3 +245,31 @@ def test_top_kernels_rank_names_by_device_time_per_step():
     assert benchmark.top_kernels(kernels, steps=2, n=3) == [
         ("gemm", 0.3, 1), ("scan", 0.275, 2), ("copy", 0.02, 2)]
     assert benchmark.top_kernels(kernels, steps=2)[-1] == ("x" * 90, 0.002, 0)
+
+
+def test_compile_both_measures_each_model_eagerly_and_compiled(monkeypatch):
+    """--compile both: an eager and a compiled row per configuration, the compiled one run
+    through torch.compile's wrapper, compared with the eager one in the backend table.
+    (Dynamo's "eager" backend here, to keep the test short.)"""
+    args = benchmark.parse_args(["--device", "cpu", "--model", "mambar_tiny_patch16_224",
+                                 "--input-size", "32", "--batch", "2", "--mode", "infer",
+                                 "--iters", "1", "--warmup", "0", "--backend", "torch",
+                                 "--reference", "none", "--compile", "both"])
+    configs = benchmark.plan(args)
+    assert [c.compile for c in configs] == [False, True]
+    wrapped = []
+    real_compile = torch.compile
+
+    def recording_compile(model):
+        wrapped.append(real_compile(model, backend="eager"))
+        return wrapped[-1]
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    rows = [benchmark.measure(c) for c in configs]
+    assert len(wrapped) == 1
+    for row in rows:
+        check_row(row)
+    table = benchmark.results_table(rows)
+    assert "torch+compile" in table
+    baseline, compared = benchmark.backend_comparison(rows)
+    assert baseline == "torch" and [r[5] for r in compared] == ["torch+compile"]
