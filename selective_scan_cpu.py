@@ -144,53 +144,96 @@ _U2 = np.uint64(2)
 
 
 @numba.njit(**_JIT)
+def _load_tile(src, b, e0, tile):
+    """tile[t, e] = src[b, e0 + e, t] for (B, E, L) ``src`` of any strides; zeros for the
+    channels past E. Copying a job's (channels x L) tile here, in L1, replaces a transposed
+    copy of the whole tensor (slow in ATen at the model's sizes: 0.3-0.5 ms each at the
+    demo's (16, 384, 28))."""
+    length, width = _U(tile.shape[0]), _U(tile.shape[1])
+    have = min(width, _U(src.shape[1]) - e0)
+    if src.strides[1] < src.strides[2]:         # channel-minor: walk the channels innermost
+        for t in range(length):
+            for e in range(have):
+                tile[t, e] = src[b, e0 + e, t]
+    else:
+        for e in range(have):
+            for t in range(length):
+                tile[t, e] = src[b, e0 + e, t]
+    for t in range(length):
+        for e in range(have, width):
+            tile[t, e] = 0
+
+
+@numba.njit(**_JIT)
+def _store_tile(tile, dst, b, e0):
+    """dst[b, e0 + e, t] = tile[t, e] for the channels of contiguous (B, E, L) ``dst``."""
+    length, width = _U(tile.shape[0]), _U(tile.shape[1])
+    have = min(width, _U(dst.shape[1]) - e0)
+    for e in range(have):
+        for t in range(length):
+            dst[b, e0 + e, t] = tile[t, e]
+
+
+@numba.njit(**_JIT)
 def _forward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softplus, reverse,
                   out):
     """Jobs [first, last) of the forward: job j is batch j // blocks, channels
-    block * (j % blocks) + [0, block). (B, L, E) arrays: u, delta (before bias and softplus),
-    z, out; (E,): bias, d; (N, E): a_t; (B, L, N): b_t, c_t. z and d may be empty (no gate /
+    block * (j % blocks) + [0, block). (B, E, L) arrays as the model passes them, any strides:
+    u, delta (before bias and softplus), z; out contiguous. Padded with zeros to whole blocks:
+    (E + pad,) bias, d; (N, E + pad) a_t. (B, L, N): b_t, c_t. z and d may be empty (no gate /
     no skip). Plain indexing only: a slice in a loop costs an atomic reference count."""
-    length, states = _U(u.shape[1]), _U(a_t.shape[0])
+    length, states = _U(u.shape[2]), _U(a_t.shape[0])
     width = _U(block)       # an argument, not a constant: LLVM would unroll, not vectorise
-    blocks = _U(u.shape[2]) // width
+    blocks = _U(a_t.shape[1]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
     h = np.zeros((states, width), u.dtype)
     y = np.empty(width, u.dtype)
     dt = np.empty(width, u.dtype)
+    # The job's tiles, time-major so that the channels are the vector lanes.
+    us = np.empty((length, width), u.dtype)
+    xs = np.empty((length, width), u.dtype)
+    zs = np.empty((length, width), u.dtype)
+    outs = np.empty((length, width), u.dtype)
     for job in range(_U(first), _U(last)):
         b, e0 = job // blocks, (job % blocks) * width
+        _load_tile(u, b, e0, us)
+        _load_tile(delta, b, e0, xs)
+        if gate:
+            _load_tile(z, b, e0, zs)
         h[:] = 0
         for s in range(length):
             t = length - _U1 - s if reverse else s
             for e in range(width):
-                x = delta[b, t, e0 + e] + bias[e0 + e]
+                x = xs[t, e] + bias[e0 + e]
                 dt[e] = _softplus_sigmoid(x)[0] if softplus else x
                 y[e] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
                 for e in range(width):
-                    hv = _exp(dt[e] * a_t[n, e0 + e]) * h[n, e] + dt[e] * u[b, t, e0 + e] * bn
+                    hv = _exp(dt[e] * a_t[n, e0 + e]) * h[n, e] + dt[e] * us[t, e] * bn
                     h[n, e] = hv
                     y[e] += hv * cn
             for e in range(width):
                 yv = y[e]
                 if skip:
-                    yv += d[e0 + e] * u[b, t, e0 + e]
+                    yv += d[e0 + e] * us[t, e]
                 if gate:
-                    zv = z[b, t, e0 + e]
+                    zv = zs[t, e]
                     yv = yv * zv / (_ONE + _exp(-zv))
-                out[b, t, e0 + e] = yv
+                outs[t, e] = yv
+        _store_tile(outs, out, b, e0)
 
 
 @numba.njit(**_JIT)
 def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softplus, reverse,
                    dout, du, ddelta, dz, da, db, dc, dd, dbias):
-    """Jobs [first, last) of the backward (arguments and job numbering as the forward).
-    Writes du, ddelta and dz for its own channels; adds into this task's da (N, E), db, dc
-    (B, L, N), dd and dbias (E,)."""
-    length, states = _U(u.shape[1]), _U(a_t.shape[0])
+    """Jobs [first, last) of the backward (arguments and job numbering as the forward; dout
+    (B, E, L) of any strides). Writes du, ddelta and dz (contiguous (B, E, L)) for its own
+    channels; adds into this task's da (N, E + pad), db, dc (B, L, N), dd and dbias
+    (E + pad,)."""
+    length, states = _U(u.shape[2]), _U(a_t.shape[0])
     width = _U(block)
-    blocks = _U(u.shape[2]) // width
+    blocks = _U(a_t.shape[1]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
     # Row s + 1 holds step s; row 0 (no earlier state) and row length + 1 (no later decay)
     # stay zero, so the first and last steps need no branches.
@@ -203,13 +246,26 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
     y = np.empty(width, u.dtype)
     g_b = np.empty(width, u.dtype)
     g_dt = np.empty(width, u.dtype)
+    # The job's tiles, indexed by time t (as the inputs), time-major.
+    us = np.empty((length, width), u.dtype)
+    xs = np.empty((length, width), u.dtype)
+    zs = np.empty((length, width), u.dtype)
+    gos = np.empty((length, width), u.dtype)
+    dus = np.empty((length, width), u.dtype)
+    dxs = np.empty((length, width), u.dtype)
+    dzs = np.empty((length, width), u.dtype)
     for job in range(_U(first), _U(last)):
         b, e0 = job // blocks, (job % blocks) * width
+        _load_tile(u, b, e0, us)
+        _load_tile(delta, b, e0, xs)
+        _load_tile(dout, b, e0, gos)
+        if gate:
+            _load_tile(z, b, e0, zs)
         # Re-run the forward, keeping every state and decay; then the gate's gradients.
         for s in range(length):
             t = length - _U1 - s if reverse else s
             for e in range(width):
-                x = delta[b, t, e0 + e] + bias[e0 + e]
+                x = xs[t, e] + bias[e0 + e]
                 if softplus:
                     dts[s, e], dts_dx[s, e] = _softplus_sigmoid(x)
                 else:
@@ -219,18 +275,18 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
                 for e in range(width):
                     dec = _exp(dts[s, e] * a_t[n, e0 + e])
-                    hv = dec * hs[s, n, e] + dts[s, e] * u[b, t, e0 + e] * bn
+                    hv = dec * hs[s, n, e] + dts[s, e] * us[t, e] * bn
                     decays[s + _U1, n, e] = dec
                     hs[s + _U1, n, e] = hv
                     y[e] += hv * cn
             for e in range(width):
-                go = dout[b, t, e0 + e]
+                go = gos[t, e]
                 if gate:
-                    zv = z[b, t, e0 + e]
-                    yv = y[e] + d[e0 + e] * u[b, t, e0 + e] if skip else y[e]
+                    zv = zs[t, e]
+                    yv = y[e] + d[e0 + e] * us[t, e] if skip else y[e]
                     sig = _ONE / (_ONE + _exp(-zv))
                     dys[s, e] = go * zv * sig
-                    dz[b, t, e0 + e] = go * yv * sig * (_ONE + zv * (_ONE - sig))
+                    dzs[t, e] = go * yv * sig * (_ONE + zv * (_ONE - sig))
                 else:
                     dys[s, e] = go
         # Adjoint: g_s = dy_s C_s + exp(dt_{s+1} A) g_{s+1}, walked against the scan.
@@ -250,19 +306,23 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
                     p = gv * decays[s + _U1, n, e] * hs[s, n, e]    # dL/d(dt A), this state
                     g_dt[e] += p * a_t[n, e0 + e]
                     da[n, e0 + e] += p * dts[s, e]
-                    sum_b += gv * dts[s, e] * u[b, t, e0 + e]
+                    sum_b += gv * dts[s, e] * us[t, e]
                     sum_c += dys[s, e] * hs[s + _U1, n, e]
                 db[b, t, n] += sum_b
                 dc[b, t, n] += sum_c
             for e in range(width):
-                uv = u[b, t, e0 + e]
+                uv = us[t, e]
                 gx = (uv * g_b[e] + g_dt[e]) * dts_dx[s, e]
-                ddelta[b, t, e0 + e] = gx
+                dxs[t, e] = gx
                 dbias[e0 + e] += gx
-                du[b, t, e0 + e] = dts[s, e] * g_b[e]
+                dus[t, e] = dts[s, e] * g_b[e]
                 if skip:
-                    du[b, t, e0 + e] += d[e0 + e] * dys[s, e]
+                    dus[t, e] += d[e0 + e] * dys[s, e]
                     dd[e0 + e] += dys[s, e] * uv
+        _store_tile(dus, du, b, e0)
+        _store_tile(dxs, ddelta, b, e0)
+        if gate:
+            _store_tile(dzs, dz, b, e0)
 
 
 _POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -321,71 +381,71 @@ def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
 
 
-def _channels_last(t: torch.Tensor, work: torch.dtype, pad: int) -> torch.Tensor:
-    """(B, X, L) -> contiguous (B, L, X + pad), zeros in the padding."""
-    return _padded(t.to(work).transpose(1, 2), pad)
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of ``t``, strides and all (the kernels read any layout)."""
+    return t.detach().numpy()
 
 
 class _Inputs:
-    """The kernels' view of one call: fp32 (fp64 for fp64 input), channel-minor, channels
-    padded with zeros to a multiple of BLOCK (a padded channel has u = 0 and so adds nothing)."""
+    """The kernels' view of one call, fp32 (fp64 for fp64 input). The (B, E, L) tensors keep
+    their layout (each job copies its own tile); the small ones are channel-minor and padded
+    with zeros to a multiple of BLOCK channels (a padded channel has u = 0 and so adds
+    nothing, and its outputs are not stored)."""
 
     def __init__(self, u, delta, A, B, C, D, z, delta_bias):
         self.work = work = _work_dtype(u)
         self.batch, self.dim, self.length = u.shape
         self.pad = -self.dim % BLOCK
-        self.u = _channels_last(u, work, self.pad)
-        self.delta = _channels_last(delta, work, self.pad)
+        self.u, self.delta = u.to(work), delta.to(work)
         self.bias = (_padded(delta_bias.to(work), self.pad) if delta_bias is not None
                      else u.new_zeros(self.dim + self.pad, dtype=work))
-        self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E)
+        self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E + pad)
         self.b_t = B.to(work).transpose(1, 2).contiguous()                    # (B, L, N)
         self.c_t = C.to(work).transpose(1, 2).contiguous()
         self.d = (_padded(D.to(work), self.pad) if D is not None
                   else torch.empty(0, dtype=work))
-        self.z = (_channels_last(z, work, self.pad) if z is not None
-                  else torch.empty(0, 0, 0, dtype=work))
+        self.z = z.to(work) if z is not None else torch.empty(0, 0, 0, dtype=work)
 
     def arrays(self) -> tuple:
         """The kernels' arguments from ``block`` to ``d``."""
-        return (BLOCK,) + tuple(t.numpy() for t in (self.u, self.delta, self.bias, self.z,
+        return (BLOCK,) + tuple(_array(t) for t in (self.u, self.delta, self.bias, self.z,
                                                     self.a_t, self.b_t, self.c_t, self.d))
 
     def jobs(self) -> int:
         return self.batch * (self.dim + self.pad) // BLOCK
 
-    def to_sequence(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(B, L, E + pad) -> (B, E, L) in ``like``'s dtype."""
-        return t[..., :self.dim].transpose(1, 2).to(like.dtype)
+    def output(self) -> torch.Tensor:
+        """A contiguous (B, E, L) result in the working dtype."""
+        return torch.empty(self.batch, self.dim, self.length, dtype=self.work)
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+    """The scan's output (B, E, L), contiguous, in u's dtype; nothing is kept."""
     x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
-    out = torch.empty_like(x.u)
+    out = x.output()
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse), out.numpy())
     _run(_forward_jobs, _split(x.jobs(), torch.get_num_threads()), lambda i: arrays)
-    return x.to_sequence(out, u)
+    return out.to(u.dtype)
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
     None for an absent optional input. Each job re-runs its forward first."""
     x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
-    g_out = _channels_last(dout, x.work, x.pad)
-    du, ddelta, dz = torch.empty_like(x.u), torch.empty_like(x.u), torch.empty_like(x.z)
+    du, ddelta = x.output(), x.output()
+    dz = x.output() if z is not None else torch.empty(0, 0, 0, dtype=x.work)
     ranges = _split(x.jobs(), torch.get_num_threads())
     # Per-task sums (tasks share channels or batch rows), added up below.
     sums = [x.u.new_zeros(len(ranges), *t.shape) for t in (x.a_t, x.b_t, x.c_t, x.bias,
                                                              x.bias)]
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse)) + tuple(
-        t.numpy() for t in (g_out, du, ddelta, dz))
+        _array(t) for t in (dout.to(x.work), du, ddelta, dz))
     _run(_backward_jobs, ranges, lambda i: arrays + tuple(t[i].numpy() for t in sums))
     da, db, dc, dd, dbias = (t.sum(0) for t in sums)
-    return (x.to_sequence(du, u), x.to_sequence(ddelta, delta),
+    return (du.to(u.dtype), ddelta.to(delta.dtype),
             da[:, :x.dim].t().to(A.dtype), db.transpose(1, 2).to(B.dtype),
             dc.transpose(1, 2).to(C.dtype), None if D is None else dd[:x.dim].to(D.dtype),
-            None if z is None else x.to_sequence(dz, z),
+            None if z is None else dz.to(z.dtype),
             None if delta_bias is None else dbias[:x.dim].to(delta_bias.dtype))
 
 
