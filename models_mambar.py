@@ -7,7 +7,8 @@ helpers, and the registered constructors.
 
 Parameter names and shapes follow the released checkpoints exactly, so
 ``model.load_state_dict(torch.load(path, weights_only=True)["model"])`` works with strict=True.
-The selective scan is pluggable (``selective_scan.py``); nothing here imports a CUDA extension.
+The selective scan is pluggable (``selective_scan.py``), and each mixer direction's fast path is
+a custom op (``mixer_ops.py``); nothing here imports a CUDA extension.
 """
 from __future__ import annotations
 
@@ -92,6 +93,10 @@ class BiMambaMixer(nn.Module):
     names end in ``_b``). The backward direction is the same computation on the reversed
     sequence; it is run as a reverse-time scan over the same ``xz`` rather than on flipped
     copies, except for mamba-ssm's kernels, which only scan forwards.
+
+    ``_scan_direction`` shows a direction's math as the reference path (plain autograd); every
+    other backend runs the same math as one custom op (``mixer_ops.ssm_direction``), which
+    keeps only its inputs for the backward and is a single node to ``torch.compile``.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

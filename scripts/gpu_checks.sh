@@ -4,8 +4,9 @@
 # matrix (Mamba® T/S/B with the Triton scan against DeiT of the same size, the resolution sweep
 # for B, peak memory, the scan's share of a training step), the authors' CUDA kernels built on
 # the machine and compared with our backends, short bf16 trainings of Tiny launched as the
-# seed's commands launch main.py, and the Base size script's three stages and --eval through
-# that launcher on a generated image folder, once per backend.
+# seed's commands launch main.py, the Base size script's three stages and --eval through
+# that launcher on a generated image folder, once per backend, and Base's training step eager
+# against torch.compile.
 #
 #   bash scripts/gpu_checks.sh                      # results under $OUT (default ./gpu_results)
 #   GPU_CHECKS_SMOKE=1 bash scripts/gpu_checks.sh   # the same flow on CPU with tiny sizes
@@ -57,6 +58,7 @@ if [ "$SMOKE" = 1 ]; then
     TRAIN_ARGS=(--device cpu --amp fp32 --input-size 32 --batch-size 16)
     CAP_MODEL_TESTS=60; CAP_SCAN=30; CAP_BENCH=240; CAP_SWEEP=120; CAP_SMALL_TESTS=60
     CAP_TRAIN=60; CAP_CUDA_TESTS=60; CAP_BACKENDS=60; CAP_CUDA_MIN=60; BUILD_JOBS=1
+    CAP_COMPILE=240
     STAGES_SCRIPT=mambar_tiny.sh; STAGES_BATCH=8; STAGES_IMAGES="2 16 4"; CAP_STAGES=150
     STAGES_ARGS=(--device cpu --amp fp32 --input-size 32)
 else
@@ -71,7 +73,7 @@ else
     SMALL_TESTS=(-k "not TestGPU")
     TRAIN_ARGS=(--amp bf16 --input-size 64 --batch-size 128 --print-freq 1)
     CAP_MODEL_TESTS=100; CAP_SCAN=50; CAP_BENCH=140; CAP_SWEEP=110; CAP_SMALL_TESTS=90
-    CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60
+    CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60; CAP_COMPILE=150
     # The least the cuda steps need once the build is done (tests, scan alone, Base step).
     CAP_CUDA_MIN=150
     # The seed's published recipe (Base), one epoch per stage: 16 classes x 128 training
@@ -274,8 +276,13 @@ fi
 
 stages stages_triton "$FAST"
 
-# (d) What is left: the sweep if it has not run, then the rest of the tests.
+# (d) What is left: the sweep if it has not run, eager against torch.compile for Base's training
+# step (issue 14), then the rest of the tests (among them compiled against eager on the GPU).
 if [ "$SWEPT" = 0 ]; then sweep; fi
+# shellcheck disable=SC2086
+bench bench_compile "$CAP_COMPILE" "$LOGS/bench_compile.json" --model "$BASE" \
+    --backend "$FAST" --input-size "$PX" --batch "$BATCH" --dtype "$DTYPE" --mode train \
+    --reference none --compile both $ITERS
 tests tests_triton_small "$CAP_SMALL_TESTS" tests/test_selective_scan_triton.py \
     "${SMALL_TESTS[@]}"
 tests tests_gpu_marked 60 -m gpu --continue-on-collection-errors tests/ \

@@ -719,3 +719,31 @@ def test_torch_compile_sees_no_graph_breaks_with_grad_checkpointing(monkeypatch)
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         step = torch._dynamo.explain(train_step)(model, x, y)
     assert (step.graph_count, step.graph_break_count) == (1, 0), step.break_reasons
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_compiled_model_matches_eager_on_the_gpu(backend):
+    """The GPU backends through Inductor: one graph, and the logits and gradients of eager."""
+    from selective_scan import cuda_kernels_available
+    if backend == "cuda" and not cuda_kernels_available():
+        pytest.skip("mamba-ssm kernels not installed")
+    torch.manual_seed(0)
+    model = small_model(depth=2, scan_backend=backend).cuda().eval()
+    x, y = torch.randn(2, 3, 32, 32, device="cuda"), torch.tensor([1, 3], device="cuda")
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+
+    def logits_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        logits = fn(x)
+        F.cross_entropy(logits, y).backward()
+        return logits.detach(), [p.grad for p in model.parameters()]
+
+    want, want_grads = logits_and_grads(model)
+    got, got_grads = logits_and_grads(torch.compile(model))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
