@@ -58,7 +58,7 @@ if [ "$SMOKE" = 1 ]; then
     TRAIN_ARGS=(--device cpu --amp fp32 --input-size 32 --batch-size 16)
     CAP_MODEL_TESTS=60; CAP_SCAN=30; CAP_BENCH=240; CAP_SWEEP=120; CAP_SMALL_TESTS=60
     CAP_TRAIN=60; CAP_CUDA_TESTS=60; CAP_BACKENDS=60; CAP_CUDA_MIN=60; BUILD_JOBS=1
-    CAP_COMPILE=240
+    CAP_COMPILE=420
     STAGES_SCRIPT=mambar_tiny.sh; STAGES_BATCH=8; STAGES_IMAGES="2 16 4"; CAP_STAGES=150
     STAGES_ARGS=(--device cpu --amp fp32 --input-size 32)
 else
@@ -73,7 +73,7 @@ else
     SMALL_TESTS=(-k "not TestGPU")
     TRAIN_ARGS=(--amp bf16 --input-size 64 --batch-size 128 --print-freq 1)
     CAP_MODEL_TESTS=100; CAP_SCAN=50; CAP_BENCH=140; CAP_SWEEP=110; CAP_SMALL_TESTS=90
-    CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60; CAP_COMPILE=150
+    CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60; CAP_COMPILE=200
     # The least the cuda steps need once the build is done (tests, scan alone, Base step).
     CAP_CUDA_MIN=150
     # The seed's published recipe (Base), one epoch per stage: 16 classes x 128 training
