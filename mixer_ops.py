@@ -125,6 +125,9 @@ def ssm_direction_backward(dout: Tensor, x: Tensor, z: Tensor, conv_weight: Tens
     """Gradients of ``ssm_direction`` for its tensor inputs, in their order and dtypes."""
     _, backward = scan_kernels(backend, x.device)
     with without_autocast(x.device):
+        # PyTorch's conv for every backend, also where the forward ran causal-conv1d's kernel
+        # (the same values to rounding): its backward is needed here, and causal-conv1d's
+        # backward entry points changed between releases.
         with torch.profiler.record_function(RECOMPUTE_RANGE):
             pre, padded, kernel = _conv(x, conv_weight, conv_bias, reverse)
             u = F.silu(pre)
