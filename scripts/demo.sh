@@ -4,9 +4,10 @@
 # embedded DIGITS data set, used when no --data-path is given).
 #
 #   bash scripts/demo.sh          # 10.4 min measured on 2 AMD EPYC (Zen 4) cores shared at a
-#                                 # load of 1.2-3.5; 980 s of CPU time, so about 8 min on 2
-#                                 # idle cores of that kind (see BENCHMARKS.md); prints the
-#                                 # final top-1 (94.2%)
+#                                 # load of 1.2-3.5; 980 s of CPU time, so 8-9 min on 2 idle
+#                                 # cores of that kind (stage 1, run at a load of 1.2-2.1, i.e.
+#                                 # alone, took 228 s; see BENCHMARKS.md); prints the final
+#                                 # top-1 (94.2%)
 #
 #   stage  paper (ImageNet)                      here (digits)
 #   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 5 epochs
