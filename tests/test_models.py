@@ -661,7 +661,7 @@ def compile_case(monkeypatch, backend):
         if not triton_interpreted():
             pytest.skip("Triton is not running in its interpreter here")
         monkeypatch.setattr(mm, "resolve_backend", lambda name, device: "triton")
-        size, batch = dict(depth=1, embed_dim=16), 1
+        size, batch = dict(depth=1, embed_dim=8), 1
     torch.manual_seed(0)
     model = small_model(drop_path_rate=0.1, scan_backend=backend, **size)
     return model, torch.randn(batch, 3, 32, 32), torch.tensor([1, 3][:batch])
@@ -677,12 +677,14 @@ def train_step(model, x, y):
 def test_torch_compile_sees_no_graph_breaks(monkeypatch, backend):
     """The forward, and a training step (forward, loss, backward, traced with Dynamo's
     autograd-op tracing), each one graph: the mixer's work is a custom op, nothing in the model
-    changes the thread count or installs saved-tensor hooks."""
+    changes the thread count or installs saved-tensor hooks. (With Triton's interpreted
+    kernels, seconds per call, the training step alone: it holds the forward.)"""
     model, x, y = compile_case(monkeypatch, backend)
-    model.eval()
-    forward = torch._dynamo.explain(model)(x)
-    assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
-    torch._dynamo.reset()
+    if backend != "triton":
+        model.eval()
+        forward = torch._dynamo.explain(model)(x)
+        assert (forward.graph_count, forward.graph_break_count) == (1, 0), forward.break_reasons
+        torch._dynamo.reset()
     model.train()
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         step = torch._dynamo.explain(train_step)(model, x, y)
