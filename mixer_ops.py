@@ -26,13 +26,15 @@ the conv by hand: autograd does not record inside a custom op.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+import importlib
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selective_scan import causal_conv1d_silu, load_causal_conv1d, scan_kernels
+from selective_scan import (causal_conv1d_silu, compiled_cpu_scan_available, load_causal_conv1d,
+                            scan_kernels)
 
 # Profiler ranges, so that benchmark.py can tell the scan's time from the rest of the op's.
 SCAN_RANGE = "mambar.selective_scan"
@@ -64,16 +66,36 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], reverse: bool
     return padded[..., k - 1:] if reverse else padded[..., :x.shape[-1]], padded, weight
 
 
-def _conv_backward(dpre: Tensor, x: Tensor, padded: Tensor, kernel: Tensor, reverse: bool
-                   ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of x, the conv weight (E, 1, K) and bias from that of the pre-activation."""
+def conv_silu_backward(du: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       reverse: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of x, the conv weight (E, 1, K) and bias from that of ``conv_silu``'s output;
+    the conv is run again for its pre-activation."""
+    pre, padded, kernel = _conv(x, weight, bias, reverse)
     k, channels, length = kernel.shape[-1], x.shape[1], x.shape[-1]
     dpadded = torch.zeros_like(padded)
-    (dpadded[..., k - 1:] if reverse else dpadded[..., :length]).copy_(dpre)
+    (dpadded[..., k - 1:] if reverse else dpadded[..., :length]).copy_(
+        torch.ops.aten.silu_backward(du, pre))
     dx, dkernel, dbias = torch.ops.aten.convolution_backward(
         dpadded, x, kernel, [channels], [1], [k - 1], [1], False, [0], channels,
-        [True, True, True])
+        [True, True, bias is not None])
     return dx, dkernel.flip(-1) if reverse else dkernel, dbias
+
+
+def conv_kernels(backend: str, x: Tensor) -> Tuple[Callable, Callable]:
+    """The (forward, backward) pair of SiLU(conv) for a concrete backend and input:
+    ``forward(x, weight, bias, reverse) -> u`` and ``backward(du, x, weight, bias, reverse)
+    -> (dx, dweight, dbias)``. causal-conv1d's kernel runs the ``cuda`` forward; on the CPU the
+    compiled scan's module has the conv too (fp32/fp64), since oneDNN's depthwise conv backward
+    costs 10x its forward at the model's sizes; PyTorch's conv everywhere else."""
+    if backend == "cuda" and load_causal_conv1d() is not None:
+        # Its backward entry points changed between releases: PyTorch's conv goes back (the
+        # same values to rounding).
+        return causal_conv1d_silu, conv_silu_backward
+    if (backend == "torch" and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and compiled_cpu_scan_available()):
+        module = importlib.import_module("selective_scan_cpu")
+        return module.conv_silu_forward, module.conv_silu_backward
+    return conv_silu, conv_silu_backward
 
 
 def channel_matmul(weight: Tensor, x: Tensor) -> Tensor:
@@ -98,11 +120,9 @@ def ssm_direction(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
     """One direction of the mixer, (B, E, L) in x's dtype, contiguous. ``backend`` is a
     concrete scan backend (``selective_scan.resolve_backend``)."""
     forward, _ = scan_kernels(backend, x.device)
+    conv_forward, _ = conv_kernels(backend, x)
     with without_autocast(x.device):
-        if backend == "cuda" and load_causal_conv1d() is not None:
-            u = causal_conv1d_silu(x, conv_weight, conv_bias, reverse)
-        else:
-            u = conv_silu(x, conv_weight, conv_bias, reverse)
+        u = conv_forward(x, conv_weight, conv_bias, reverse)
         _, b_ssm, c_ssm, delta = _projections(u, x_proj_weight, dt_proj_weight)
         with torch.profiler.record_function(SCAN_RANGE):
             out = forward(u, delta, -torch.exp(A_log.float()), b_ssm, c_ssm, D.float(), z,
@@ -124,13 +144,10 @@ def ssm_direction_backward(dout: Tensor, x: Tensor, z: Tensor, conv_weight: Tens
                                                   Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``ssm_direction`` for its tensor inputs, in their order and dtypes."""
     _, backward = scan_kernels(backend, x.device)
+    conv_forward, conv_backward = conv_kernels(backend, x)
     with without_autocast(x.device):
-        # PyTorch's conv for every backend, also where the forward ran causal-conv1d's kernel
-        # (the same values to rounding): its backward is needed here, and causal-conv1d's
-        # backward entry points changed between releases.
         with torch.profiler.record_function(RECOMPUTE_RANGE):
-            pre, padded, kernel = _conv(x, conv_weight, conv_bias, reverse)
-            u = F.silu(pre)
+            u = conv_forward(x, conv_weight, conv_bias, reverse)
             dt, b_ssm, c_ssm, delta = _projections(u, x_proj_weight, dt_proj_weight)
         a = -torch.exp(A_log.float())
         with torch.profiler.record_function(SCAN_BACKWARD_RANGE):
@@ -144,8 +161,7 @@ def ssm_direction_backward(dout: Tensor, x: Tensor, z: Tensor, conv_weight: Tens
                             dc.to(u.dtype)], dim=1)
         dx_proj = torch.einsum("bol,bil->oi", dx_dbl, u)
         du = du.to(u.dtype) + channel_matmul(x_proj_weight.t(), dx_dbl)
-        dx, dconv_weight, dconv_bias = _conv_backward(
-            torch.ops.aten.silu_backward(du, pre), x, padded, kernel, reverse)
+        dx, dconv_weight, dconv_bias = conv_backward(du, x, conv_weight, conv_bias, reverse)
     grads = (dx, dz, dconv_weight, dconv_bias, dx_proj, ddt_proj, dbias, da * a, dd)
     like = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D)
     return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, like))

@@ -325,6 +325,77 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
             _store_tile(dzs, dz, b, e0)
 
 
+@numba.njit(**_JIT)
+def _conv_pre(xs, w_t, bias, e0, reverse, pre):
+    """pre[t, e] = bias + sum_k w[k] x[t - (K-1) + k] for the job's tile ``xs`` (time-major),
+    zeros outside the sequence; with ``reverse`` the anti-causal twin, x[t + (K-1) - k]."""
+    length, width, taps = _U(xs.shape[0]), _U(xs.shape[1]), _U(w_t.shape[0])
+    for t in range(length):
+        for e in range(width):
+            pre[t, e] = bias[e0 + e]
+    for k in range(taps):
+        shift = taps - _U1 - k
+        for t in range(length - shift if length > shift else _U(0)):
+            src, dst = (t + shift, t) if reverse else (t, t + shift)
+            for e in range(width):
+                pre[dst, e] += w_t[k, e0 + e] * xs[src, e]
+
+
+@numba.njit(**_JIT)
+def _conv_silu_jobs(first, last, block, x, w_t, bias, reverse, out):
+    """Jobs [first, last) of u = SiLU(depthwise conv(x)), numbered as the scan's: (B, E, L)
+    ``x`` of any strides, (K, E + pad) ``w_t``, (E + pad,) ``bias``, contiguous ``out``."""
+    length = _U(x.shape[2])
+    width = _U(block)
+    blocks = _U(w_t.shape[1]) // width
+    xs = np.empty((length, width), x.dtype)
+    pre = np.empty((length, width), x.dtype)
+    for job in range(_U(first), _U(last)):
+        b, e0 = job // blocks, (job % blocks) * width
+        _load_tile(x, b, e0, xs)
+        _conv_pre(xs, w_t, bias, e0, reverse, pre)
+        for t in range(length):
+            for e in range(width):
+                p = pre[t, e]
+                pre[t, e] = p / (_ONE + _exp(-p))
+        _store_tile(pre, out, b, e0)
+
+
+@numba.njit(**_JIT)
+def _conv_silu_backward_jobs(first, last, block, x, w_t, bias, reverse, du, dx, dw, dbias):
+    """Jobs [first, last) of the backward of ``_conv_silu_jobs`` (which it re-runs up to the
+    pre-activation): writes dx (contiguous (B, E, L)) for its channels, adds into this task's
+    dw (K, E + pad) and dbias (E + pad,). ``du`` (B, E, L) of any strides."""
+    length, taps = _U(x.shape[2]), _U(w_t.shape[0])
+    width = _U(block)
+    blocks = _U(w_t.shape[1]) // width
+    xs = np.empty((length, width), x.dtype)
+    pre = np.empty((length, width), x.dtype)
+    dpre = np.empty((length, width), x.dtype)
+    dxs = np.empty((length, width), x.dtype)
+    for job in range(_U(first), _U(last)):
+        b, e0 = job // blocks, (job % blocks) * width
+        _load_tile(x, b, e0, xs)
+        _load_tile(du, b, e0, dpre)
+        _conv_pre(xs, w_t, bias, e0, reverse, pre)
+        for t in range(length):
+            for e in range(width):
+                p = pre[t, e]
+                sig = _ONE / (_ONE + _exp(-p))
+                g = dpre[t, e] * sig * (_ONE + p * (_ONE - sig))     # SiLU'(p) = s (1 + p (1 - s))
+                dpre[t, e] = g
+                dbias[e0 + e] += g
+                dxs[t, e] = 0
+        for k in range(taps):
+            shift = taps - _U1 - k
+            for t in range(length - shift if length > shift else _U(0)):
+                src, dst = (t + shift, t) if reverse else (t, t + shift)
+                for e in range(width):
+                    dw[k, e0 + e] += dpre[dst, e] * xs[src, e]
+                    dxs[src, e] += w_t[k, e0 + e] * dpre[dst, e]
+        _store_tile(dxs, dx, b, e0)
+
+
 _POOL: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _POOL_WORKERS = 0
 _POOL_LOCK = threading.Lock()
@@ -447,6 +518,47 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
             dc.transpose(1, 2).to(C.dtype), None if D is None else dd[:x.dim].to(D.dtype),
             None if z is None else dz.to(z.dtype),
             None if delta_bias is None else dbias[:x.dim].to(delta_bias.dtype))
+
+
+def _conv_inputs(x, weight, bias):
+    """x in the working dtype (layout kept), the (K, E + pad) taps and (E + pad,) bias."""
+    work = _work_dtype(x)
+    pad = -x.shape[1] % BLOCK
+    w_t = _padded(weight.to(work)[:, 0].t(), pad)
+    bias = (_padded(bias.to(work), pad) if bias is not None
+            else x.new_zeros(x.shape[1] + pad, dtype=work))
+    return x.to(work), w_t, bias
+
+
+def conv_silu_forward(x, weight, bias, reverse):
+    """SiLU(causal depthwise conv(x)), (B, E, L) -> contiguous (B, E, L) in x's dtype, for a
+    (E, 1, K) weight (anti-causal with ``reverse``); as ``mixer_ops.conv_silu``, in one pass
+    instead of oneDNN's conv, a slice and a SiLU."""
+    xw, w_t, b = _conv_inputs(x, weight, bias)
+    out = torch.empty(xw.shape, dtype=xw.dtype)
+    arrays = (BLOCK, _array(xw), _array(w_t), _array(b), bool(reverse), out.numpy())
+    jobs = x.shape[0] * w_t.shape[1] // BLOCK
+    _run(_conv_silu_jobs, _split(jobs, torch.get_num_threads()), lambda i: arrays)
+    return out.to(x.dtype)
+
+
+def conv_silu_backward(du, x, weight, bias, reverse):
+    """Gradients (dx, dweight (E, 1, K), dbias) of ``conv_silu_forward`` from that of u;
+    the pre-activation is recomputed from x. oneDNN's depthwise conv backward takes 10x its
+    forward at the model's sizes; this takes about as long as the forward."""
+    xw, w_t, b = _conv_inputs(x, weight, bias)
+    dx = torch.empty(xw.shape, dtype=xw.dtype)
+    jobs = x.shape[0] * w_t.shape[1] // BLOCK
+    ranges = _split(jobs, torch.get_num_threads())
+    dws, dbs = xw.new_zeros(len(ranges), *w_t.shape), xw.new_zeros(len(ranges), *b.shape)
+    arrays = (BLOCK, _array(xw), _array(w_t), _array(b), bool(reverse), _array(du.to(xw.dtype)),
+              dx.numpy())
+    _run(_conv_silu_backward_jobs, ranges,
+         lambda i: arrays + (dws[i].numpy(), dbs[i].numpy()))
+    dim = x.shape[1]
+    dweight = dws.sum(0)[:, :dim].t().unsqueeze(1).to(weight.dtype)
+    return (dx.to(x.dtype), dweight,
+            None if bias is None else dbs.sum(0)[:dim].to(bias.dtype))
 
 
 class _SelectiveScanCPU(torch.autograd.Function):

@@ -105,8 +105,9 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, impl, reverse):
     for name, a, b in zip(names, grads_of(got, xz, params, g), grads_of(want, xz, params, g)):
         torch.testing.assert_close(a, b, **tol, msg=f"{impl}: gradient of {name}")
     if impl == "cuda":
-        # The conv kernel in the forward; the scan's forward kernel again in the backward.
-        assert calls == ["conv", "fwd", "fwd", "bwd"]
+        # The conv kernel in the forward and in the backward's recompute; the scan's forward
+        # kernel again in the backward.
+        assert calls == ["conv", "fwd", "conv", "fwd", "bwd"]
 
 
 def test_op_keeps_only_its_inputs_for_the_backward():
@@ -155,3 +156,57 @@ def test_backend_without_kernels_is_refused():
     xz, params = make_direction()
     with pytest.raises(ValueError, match="reference"):
         run_op(xz, params, False, "reference")
+
+
+def spec_conv_silu(x, weight, bias, reverse):
+    """SiLU(causal depthwise conv), the anti-causal twin as flip -> conv -> flip."""
+    if reverse:
+        x = x.flip(-1)
+    u = F.silu(F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias, groups=x.shape[1]))
+    return u.flip(-1) if reverse else u
+
+
+@pytest.mark.skipif(not ss.compiled_cpu_scan_available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("length", [1, 3, 4, 17])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_compiled_conv_matches_the_spec_with_every_gradient(dtype, length, reverse):
+    """The Numba conv + SiLU the ``torch`` backend runs on the CPU: lengths shorter than the
+    conv, 70 channels (a whole block of 64 and a padded one), x a channel-minor view."""
+    import selective_scan_cpu
+    gen = torch.Generator().manual_seed(length)
+    channels = 70
+    xz = torch.randn(3, length, 2 * channels, generator=gen, dtype=torch.float64).to(dtype)
+    x = xz[..., :channels].transpose(1, 2).requires_grad_()
+    weight = (torch.randn(channels, 1, K, generator=gen, dtype=torch.float64) * 0.5
+              ).to(dtype).requires_grad_()
+    bias = torch.randn(channels, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    want = spec_conv_silu(x, weight, bias, reverse)
+    du = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(dtype)
+    want_grads = torch.autograd.grad(want, (x, weight, bias), du)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    got = selective_scan_cpu.conv_silu_forward(x.detach(), weight.detach(), bias.detach(),
+                                               reverse)
+    assert got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want, **tol)
+    got_grads = selective_scan_cpu.conv_silu_backward(du, x.detach(), weight.detach(),
+                                                      bias.detach(), reverse)
+    for name, a, b in zip(("x", "weight", "bias"), got_grads, want_grads):
+        assert a.shape == b.shape and a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol, msg=f"gradient of {name}")
+
+
+@pytest.mark.skipif(not ss.compiled_cpu_scan_available(), reason="numba not installed")
+def test_cpu_conv_is_the_compiled_one_where_it_applies(monkeypatch):
+    """The ``torch`` backend on fp32/fp64 CPU tensors runs the Numba conv; bf16 (no Numba
+    type) and a machine without the compiled scan run PyTorch's."""
+    import selective_scan_cpu
+    x = torch.zeros(1, 2, 3)
+    for dtype in (torch.float32, torch.float64):
+        assert mixer_ops.conv_kernels("torch", x.to(dtype)) == (
+            selective_scan_cpu.conv_silu_forward, selective_scan_cpu.conv_silu_backward)
+    pytorch_pair = (mixer_ops.conv_silu, mixer_ops.conv_silu_backward)
+    assert mixer_ops.conv_kernels("torch", x.bfloat16()) == pytorch_pair
+    assert mixer_ops.conv_kernels("triton", x) == pytorch_pair
+    monkeypatch.setattr(ss, "_load_cpu_scan", lambda: None)
+    assert mixer_ops.conv_kernels("torch", x) == pytorch_pair
