@@ -46,18 +46,18 @@ def _fix_posterize(transform):
 
 
 def three_augment(args):
-    """DeiT III's ThreeAugment: random resized crop (0.08-1, bicubic) + horizontal flip (or,
-    with --src, a simple random crop), then one of grayscale / solarize / Gaussian blur, then
-    colour jitter, then normalisation. No RandAugment, no random erasing."""
+    """DeiT III's ThreeAugment: random resized crop (0.08-1, bicubic) (or, with --src, a simple
+    random crop) + horizontal flip (probability --hflip), then one of grayscale / solarize /
+    Gaussian blur, then colour jitter, then normalisation. No RandAugment, no random erasing."""
     size = args.input_size
     if args.src:
         primary = [transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
                    transforms.RandomCrop(size, padding=4, padding_mode="reflect"),
-                   transforms.RandomHorizontalFlip()]
+                   transforms.RandomHorizontalFlip(args.hflip)]
     else:
         primary = [RandomResizedCropAndInterpolation(size, scale=(0.08, 1.0),
                                                      interpolation="bicubic"),
-                   transforms.RandomHorizontalFlip()]
+                   transforms.RandomHorizontalFlip(args.hflip)]
     secondary = [transforms.RandomChoice([transforms.Grayscale(num_output_channels=3),
                                           Solarization(), GaussianBlur()])]
     if args.color_jitter:
@@ -76,7 +76,8 @@ def build_transform(is_train, args):
         if args.ThreeAugment:
             return three_augment(args)
         return _fix_posterize(create_transform(
-            input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+            input_size=args.input_size, is_training=True, hflip=args.hflip,
+            color_jitter=args.color_jitter,
             auto_augment=None if args.aa in ("", "none") else args.aa,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount))

@@ -117,6 +117,9 @@ def get_args_parser():
 
     # Augmentation parameters
     parser.add_argument("--color-jitter", type=float, default=0.3, metavar="PCT")
+    parser.add_argument("--hflip", type=float, default=0.5, metavar="PROB",
+                        help="probability of a horizontal flip in training (0 for images whose "
+                             "mirror image means something else, such as digits)")
     parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
                         help='AutoAugment / RandAugment policy ("none" to disable)')
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
@@ -237,6 +240,8 @@ def check_args(args):
     for flag in ("batch_size", "accum_iter", "epochs", "print_freq"):
         if getattr(args, flag) < 1:
             raise utils.UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    if not 0 <= args.hflip <= 1:
+        raise utils.UserError("--hflip must be a probability in [0, 1]")
     if not 0 < args.eval_crop_ratio <= 1:
         raise utils.UserError("--eval-crop-ratio must be in (0, 1]")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

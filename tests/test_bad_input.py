@@ -87,6 +87,12 @@ def test_finetune_together_with_resume(capfd, data):
     assert "--finetune and --resume exclude each other" in line
 
 
+@pytest.mark.parametrize("prob", ["-0.1", "1.5"])
+def test_hflip_outside_zero_to_one(capfd, data, prob):
+    line = fails(capfd, "--data-path", data, "--hflip", prob)
+    assert "--hflip must be a probability in [0, 1]" in line
+
+
 def test_input_size_not_a_multiple_of_the_patch_size(capfd, data):
     line = fails(capfd, "--data-path", data, "--input-size", "100")
     assert "--input-size 100" in line and "multiple of the patch size 16" in line

@@ -78,3 +78,23 @@ def test_train_transforms_produce_input_sized_tensors(flags):
     torch.manual_seed(0)
     for _ in range(60):
         assert transform(img).shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("flags", [[], ["--ThreeAugment"], ["--ThreeAugment", "--src"]])
+def test_hflip_sets_the_probability_of_the_training_flip(flags):
+    """--hflip 1 mirrors every training image, --hflip 0 none; evaluation never flips."""
+    # Brighter to the right, so that every crop is too; below 128, where solarizing changes
+    # nothing.
+    img = Image.new("RGB", (64, 64))
+    img.putdata([(2 * x,) * 3 for _ in range(64) for x in range(64)])
+
+    def left_darker(transform):
+        x = transform(img)
+        return bool(x[:, :, :16].mean() < x[:, :, -16:].mean())
+
+    plain = ["--input-size", "48", "--aa", "none", "--reprob", "0", "--color-jitter", "0"]
+    torch.manual_seed(0)
+    for prob, want in (("0", True), ("1", False)):
+        transform = build_transform(True, parse(*plain, "--hflip", prob, *flags))
+        assert [left_darker(transform) for _ in range(20)] == [want] * 20, prob
+    assert left_darker(build_transform(False, parse(*plain, "--hflip", "1")))
