@@ -3,33 +3,32 @@
 # scikit-learn's handwritten digits (1437 train / 360 val images, 10 classes; main.py's
 # embedded DIGITS data set, used when no --data-path is given).
 #
-#   bash scripts/demo.sh          # 10.4 min measured on 2 AMD EPYC (Zen 4) cores shared at a
-#                                 # load of 1.2-3.5; 980 s of CPU time, so 8-9 min on 2 idle
-#                                 # cores of that kind (stage 1, run at a load of 1.2-2.1, i.e.
-#                                 # alone, took 228 s; see BENCHMARKS.md); prints the final
-#                                 # top-1 (94.2%)
+#   bash scripts/demo.sh          # 4 min 40 s on 2 AMD EPYC (Zen 4) cores with nothing else
+#                                 # running (448 s of CPU time; see BENCHMARKS.md); prints the
+#                                 # final top-1 (95.8%)
 #
 #   stage  paper (ImageNet)                      here (digits)
-#   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 5 epochs
-#   2      224 px, 100 ep, --finetune stage 1    64 px (4x4 patches), 3 epochs, --finetune stage 1
+#   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 2 epochs
+#   2      224 px, 100 ep, --finetune stage 1    64 px (4x4 patches), 1 epoch, --finetune stage 1
 #   3      224 px, 20 ep, --finetune stage 2,    64 px, 1 epoch, --finetune stage 2,
 #          lr 1e-5, smoothing 0.1                lr 2e-5, smoothing 0.1
 #   eval   --eval --resume ft/checkpoint.pth     the same, on the 360 validation images
 #
 # Each stage restarts its learning-rate schedule, as the paper's stages do: at a new resolution
 # every patch covers a different pixel block and the registers sit elsewhere, so a stage needs
-# a fresh schedule to adapt (stage 1 reaches ~78% at 32 px; stage 2 takes it past 90% at 64 px).
+# a fresh schedule to adapt (stage 1 reaches 71% at 32 px, stage 2 92% at 64 px, stage 3 96%).
 # Training runs as 2 processes x 1 thread (torchrun, gloo), 16 images each: for a model this
 # small, two processes beat one with two threads (back to back at load ~3.5: 1.2-1.3 s against
-# 1.6 s per step of 32 images). They also slow each other down: at 32 px a rank's step takes
-# 0.80 s of CPU time, against 0.58 s for one process alone. Changed for 8x8-pixel digits and minutes of CPU: the learning rates are used as
-# given (--unscale-lr: 1e-4, 1e-4, 2e-5; global batch 32) with no warmup; no colour jitter,
-# mixup, cutmix, EMA, drop path or repeated augmentation; stage 1 without RandAugment (timm's
-# random-resized crop, scale 0.08-1, + flip); stages 2-3 with ThreeAugment's simple-random-crop
-# variant (--src) instead of a random-resized crop, which would cut most of the digit away.
-# (--ThreeAugment --src in stage 1 too gave 82% after stage 1 but 91.9% at the end; a higher lr
-# in stage 2 or 3, a fourth epoch in stage 2 or a second in stage 3 (94.4% each) did not reach
-# 95% either.)
+# 1.6 s per step of 32 images). Changed for 8x8-pixel digits and minutes of CPU: the learning
+# rates are used as given (--unscale-lr: 3e-4, 1e-4, 2e-5; global batch 32) with no warmup; no
+# horizontal flip (--hflip 0: a mirrored digit is another glyph; with flips the same stages
+# took 9 epochs to 94.2%), colour jitter, mixup, cutmix, EMA, drop path or repeated
+# augmentation; stage 1 without RandAugment (timm's random-resized crop, scale 0.08-1); stages
+# 2-3 with ThreeAugment's simple-random-crop variant (--src) instead of a random-resized crop,
+# which would cut most of the digit away. About a fifth of the time is the four launches
+# (imports, data, MLflow: ~20 s each).
+# Tried on the way (BENCHMARKS.md): 5/3/1 epochs 98.1% (about 9 min), 3/2/1 96.4%, stage 1 at
+# lr 2e-4 for 3 epochs then 1/1 96.1%, stage 3 at lr 5e-5 92.8%.
 # 48 px is skipped on purpose: 3x3 patches put all 12 registers before the patches
 # (L = floor(9 / 13) = 0); in our runs it lost accuracy.
 #
@@ -55,7 +54,7 @@ nproc=${DEMO_NPROC:-2}
 
 common=(--model mambar_tiny_patch16_224 --data-set DIGITS --batch-size 16 --unscale-lr
         --warmup-epochs 0 --min-lr 1e-6 --color-jitter 0 --mixup 0 --cutmix 0 --reprob 0
-        --no-repeated-aug --no-model-ema --drop-path 0 --eval-crop-ratio 1.0 --dist-eval
+        --hflip 0 --no-repeated-aug --no-model-ema --drop-path 0 --eval-crop-ratio 1.0 --dist-eval
         --num_workers 1 --print-freq 50)
 
 stage() {  # name, then main.py flags
@@ -69,8 +68,8 @@ stage() {  # name, then main.py flags
 }
 
 start=$SECONDS
-stage pt  --input-size 32 --epochs 5 --lr 1e-4 --weight-decay 0.05 --smoothing 0.0 --aa none
-stage mid --input-size 64 --epochs 3 --lr 1e-4 --weight-decay 0.05 --smoothing 0.0 \
+stage pt  --input-size 32 --epochs 2 --lr 3e-4 --weight-decay 0.05 --smoothing 0.0 --aa none
+stage mid --input-size 64 --epochs 1 --lr 1e-4 --weight-decay 0.05 --smoothing 0.0 \
           --ThreeAugment --src --finetune "$out/pt/checkpoint.pth"
 stage ft  --input-size 64 --epochs 1 --lr 2e-5 --weight-decay 0.1 --smoothing 0.1 \
           --ThreeAugment --src --finetune "$out/mid/checkpoint.pth"
