@@ -2,8 +2,14 @@
 the compiler made of each autotuning candidate: registers, spills, and SASS instruction
 counts per state element.
 
-    python scripts/kernel_stats.py                 # every candidate, both kernels
+    python scripts/kernel_stats.py                 # every candidate, both kernels, both families
     python scripts/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
+    python scripts/kernel_stats.py --family gluon  # selective_scan_gluon.py's kernels only
+
+Two families of kernels: ``triton`` (selective_scan_triton.py, plain Triton) and ``gluon``
+(selective_scan_gluon.py, Triton's Gluon dialect; left out, with a note, where this Triton has
+no Gluon). A Gluon candidate is shown as a config of the plain-Triton form: one channel per
+thread with all its states, i.e. 1 state lane.
 
 Uses the ptxas and cuobjdump that ship inside the Triton wheel (sm_90a). Each kernel is
 specialised as Triton specialises it at run time for the call Mamba®-Base makes at 224 px
@@ -13,8 +19,10 @@ are 16-byte aligned. "per element" is the kernel's static instruction count (ali
 left out) divided by the state elements one thread handles per chunk (BLOCK_L x states per
 thread x channels per thread): the per-chunk loop bodies dominate the kernel, so it
 approximates the instructions issued per state element and token. The last line sums the
-best forward and best backward candidate (fewest per element), the figure issue 12 sets
-targets for, with their MUFU (exponential, reciprocal) instructions per element. A kernel that is
+best forward and best backward candidate (fewest per element) of each family and across
+both (any forward pairs with any backward: each backward needs only the scan's inputs), the
+figure issue 12 sets targets for, with their MUFU (exponential, reciprocal) instructions per
+element. A kernel that is
 issue-bound runs in roughly (per element) x batch x E x N x L / (32 x warp issue rate).
 """
 from __future__ import annotations
@@ -37,6 +45,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import selective_scan_triton as sst  # noqa: E402
 
+try:  # Triton releases without Gluon (before 3.4) compile the plain-Triton kernels only
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+    import selective_scan_gluon as ssg  # noqa: E402
+except ImportError:
+    ssg = None
+
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 E, N, L, R = 1536, 16, 208, 48  # Mamba-B: channels, states, tokens at 224 px, dt rank
 
@@ -57,7 +71,9 @@ FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
              BLOCK_N=triton.next_power_of_2(N))
 BF16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
         "ddelta_ptr", "dz_ptr"}
-KERNELS = {"fwd": sst._scan_fwd_kernel, "bwd": sst._scan_bwd_kernel}
+KERNELS = {"triton": {"fwd": sst._scan_fwd_kernel, "bwd": sst._scan_bwd_kernel}}
+if ssg is not None:
+    KERNELS["gluon"] = {"fwd": ssg._scan_fwd, "bwd": ssg._scan_bwd}
 SHOWN_OPS = ("MUFU", "SHFL", "BAR", "LDS", "STS")
 
 
@@ -79,11 +95,13 @@ def _number(pattern: str, text: str, what: str) -> int:
     return int(found.group(1))
 
 
-def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
+def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "triton") -> dict:
     """Registers, spills and SASS opcode counts of one kernel for one config."""
     jit = tuner.fn
+    gluon = family == "gluon"
+    module = ssg if gluon else sst
     consts = dict(FLAGS, REVERSE=reverse, **config.kwargs)
-    ints = dict(_model_call(), s_ckpt_e=sst._boundary_slots(L) * FLAGS["BLOCK_N"])
+    ints = dict(_model_call(), s_ckpt_e=module._boundary_slots(L) * FLAGS["BLOCK_N"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in consts or ints.get(name) == 1:
@@ -96,8 +114,8 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
             signature[name] = "i32"
             if ints[name] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32),
+    source = (GluonASTSource if gluon else ASTSource)(jit, signature, constexprs, attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config.num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -113,11 +131,13 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
     instructions = sum(ops.values())
     if instructions == 0:
         raise StatsError("no instructions found in cuobjdump's listing")
-    kw, warps = config.kwargs, config.num_warps
+    warps = config.num_warps
+    # Gluon: one channel per thread, all of its states in that thread.
+    kw = dict(N_LANES=1, BLOCK_E=32 * warps, **config.kwargs) if gluon else config.kwargs
     lanes = min(kw["N_LANES"], FLAGS["BLOCK_N"])
     channels_per_thread = kw["BLOCK_E"] / (32 // lanes * warps)
     elements = kw["BLOCK_L"] * (FLAGS["BLOCK_N"] / lanes) * channels_per_thread
-    return dict(kernel=jit.__name__, N_LANES=kw["N_LANES"], num_warps=warps,
+    return dict(kernel=jit.__name__, family=family, N_LANES=kw["N_LANES"], num_warps=warps,
                 BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
                 BLOCK_E=kw["BLOCK_E"], reverse=reverse, elements=elements,
                 registers=_number(r"Used (\d+) registers", log, "register count"),
@@ -128,14 +148,17 @@ def compile_stats(tuner, config: triton.Config, reverse: bool) -> dict:
                 ops={op: ops[op] for op in SHOWN_OPS})
 
 
-def best_pair(reports: list) -> dict:
+def best_pair(reports: list, family: str = None) -> dict:
     """The issue's static figures from forward-direction reports: the forward and backward
-    candidates with the fewest instructions per state element, and their sums."""
+    candidates with the fewest instructions per state element, and their sums; among one
+    family's kernels, or among all reports when ``family`` is None (reports of old JSON runs
+    carry no family: plain Triton)."""
     best = {}
     for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
-        mine = [r for r in reports if r["kernel"] == name and not r["reverse"]]
+        mine = [r for r in reports if r["kernel"] == name and not r["reverse"]
+                and family in (None, r.get("family", "triton"))]
         if not mine:
-            raise StatsError(f"no forward-direction report of {name}")
+            raise StatsError(f"no forward-direction report of {family or 'any'} {name}")
         best[name] = min(mine, key=lambda r: r["per_element"])
     fwd, bwd = best["_scan_fwd_kernel"], best["_scan_bwd_kernel"]
     return dict(fwd=fwd, bwd=bwd,
@@ -161,6 +184,8 @@ def parse_config(text: str) -> triton.Config:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernel", choices=("fwd", "bwd", "both"), default="both")
+    parser.add_argument("--family", choices=("triton", "gluon", "both"), default="both",
+                        help="plain-Triton kernels, Gluon kernels, or both (default)")
     parser.add_argument("--config", action="append", type=parse_config, metavar="L,W,BL[,EPT]",
                         help="compile this config instead of the autotuning candidates: "
                              "state lanes, warps, BLOCK_L, channels per thread (repeatable)")
@@ -175,6 +200,19 @@ def main() -> int:
               file=sys.stderr)
         return 2
     names = ("fwd", "bwd") if args.kernel == "both" else (args.kernel,)
+    families = ("triton", "gluon") if args.family == "both" else (args.family,)
+    if args.config:  # in the plain-Triton form: lanes, warps, BLOCK_L, channels per thread
+        if args.family == "gluon":
+            print("error: --config applies to the plain-Triton kernels only", file=sys.stderr)
+            return 2
+        families = ("triton",)
+    if "gluon" in families and "gluon" not in KERNELS:
+        if args.family == "gluon":
+            print(f"error: Triton {triton.__version__} has no Gluon", file=sys.stderr)
+            return 2
+        print(f"note: Triton {triton.__version__} has no Gluon; plain-Triton kernels only",
+              file=sys.stderr)
+        families = ("triton",)
     directions = {"no": (False,), "yes": (True,), "both": (False, True)}[args.reverse]
     if not args.json:
         print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px; "
@@ -182,30 +220,34 @@ def main() -> int:
         print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'instr':>7}"
               f"{'/elem':>7}{'MUFU/e':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
     reports = []
-    for name in names:
-        tuner = KERNELS[name]
-        for config in args.config or tuner.configs:
-            for reverse in directions:
-                try:
-                    s = compile_stats(tuner, config, reverse)
-                except StatsError as err:
-                    print(f"error: {name} {config}: {err}", file=sys.stderr)
-                    return 1
-                reports.append(s)
-                if args.json:
-                    print(json.dumps(s), flush=True)
-                    continue
-                cfg = (f"{s['N_LANES']},{s['num_warps']},{s['BLOCK_L']},"
-                       f"{s['channels_per_thread']:g}")
-                print(f"{name:<7}{cfg:<12}{'yes' if reverse else 'no':<5}{s['registers']:>5}"
-                      f"{s['spill_stores']:>5}/{s['spill_loads']:<4}{s['instructions']:>7}"
-                      f"{s['per_element']:>7}{s['mufu_per_element']:>7}  "
-                      + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)
+    for family in families:
+        for name in names:
+            tuner = KERNELS[family][name]
+            label = f"{name}" if family == "triton" else f"g.{name}"
+            for config in args.config or tuner.configs:
+                for reverse in directions:
+                    try:
+                        s = compile_stats(tuner, config, reverse, family)
+                    except StatsError as err:
+                        print(f"error: {family} {name} {config}: {err}", file=sys.stderr)
+                        return 1
+                    reports.append(s)
+                    if args.json:
+                        print(json.dumps(s), flush=True)
+                        continue
+                    cfg = (f"{s['N_LANES']},{s['num_warps']},{s['BLOCK_L']},"
+                           f"{s['channels_per_thread']:g}")
+                    print(f"{label:<7}{cfg:<12}{'yes' if reverse else 'no':<5}"
+                          f"{s['registers']:>5}{s['spill_stores']:>5}/{s['spill_loads']:<4}"
+                          f"{s['instructions']:>7}{s['per_element']:>7}"
+                          f"{s['mufu_per_element']:>7}  "
+                          + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)
     if not args.json and len(names) == 2 and False in directions:
-        pair = best_pair(reports)
-        print(f"best forward + best backward: {pair['fwd']['per_element']} + "
-              f"{pair['bwd']['per_element']} = {pair['per_element']} instructions, "
-              f"{pair['mufu_per_element']} MUFU per state element")
+        for family in families + (("any",) if len(families) > 1 else ()):
+            pair = best_pair(reports, None if family == "any" else family)
+            print(f"best forward + best backward ({family}): {pair['fwd']['per_element']} + "
+                  f"{pair['bwd']['per_element']} = {pair['per_element']} instructions, "
+                  f"{pair['mufu_per_element']} MUFU per state element")
     return 0
 
 

@@ -1,0 +1,196 @@
+"""The Gluon selective scan (selective_scan_gluon.py) against the oracle, and its static counts.
+
+Gluon kernels do not run under Triton's interpreter (it never wraps a Gluon function), so
+their numbers are checked on an sm_90+ GPU only (marked ``gpu``, skipped elsewhere): the
+output and the gradient of every input against ``selective_scan.selective_scan_reference``,
+fp32 and bf16, both directions, the model's strided views, lengths around the backward's
+chunk edges (it keeps a state every 4 or 8 tokens: L = 1, 4, 5, 8, 9, 17, then 208 and 796),
+decays that underflow, the optional inputs, and every autotuning candidate. Without a GPU,
+what can be checked is what the compiler makes of them for sm_90a (scripts/kernel_stats.py):
+every candidate compiles without spills in both directions, and the figures do not regress.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+try:
+    import triton.experimental.gluon  # noqa: F401
+except ImportError:
+    pytest.skip(f"Triton {triton.__version__} has no Gluon", allow_module_level=True)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import selective_scan_gluon as ssg  # noqa: E402
+from selective_scan import selective_scan_reference  # noqa: E402
+from test_selective_scan_triton import (NAMES, best_pair, check_against,  # noqa: E402
+                                        make_inputs, rel_err, run_kernel_stats)
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+on_sm90 = pytest.mark.skipif(not SM90, reason="needs an sm_90+ GPU: Gluon does not run "
+                                              "under Triton's interpreter")
+
+
+class _GluonScan(torch.autograd.Function):
+    """The Gluon pair under autograd, called as the mixer's custom op calls it: the backward
+    gets the inputs and dout, nothing else."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        ctx.flags = (bool(delta_softplus), bool(reverse))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        return ssg.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return ssg.scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
+
+
+def gluon_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+               reverse=False):
+    return _GluonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+
+
+def check(L, E=200, N=16, batch=2, **kw):
+    # 200 channels: programs of 128 or 64 channels (one per thread), the last one partial.
+    check_against(gluon_scan, selective_scan_reference, batch, E, N, L, device="cuda", **kw)
+
+
+@pytest.mark.gpu
+@on_sm90
+class TestGPU:
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                             ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("L", [1, 4, 5, 8, 9, 17, 208])
+    def test_matches_oracle(self, L, dtype, tol, reverse):
+        check(L, dtype=dtype, tol=tol, reverse=reverse)
+
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                             ids=["fp32", "bf16"])
+    def test_long_sequence(self, dtype, tol, reverse):
+        check(796, E=64, batch=1, dtype=dtype, tol=tol, reverse=reverse)
+
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                             ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("L", [17, 208])
+    def test_strided_views(self, L, dtype, tol, reverse):
+        check(L, dtype=dtype, tol=tol, reverse=reverse, strided=True)
+
+    @pytest.mark.parametrize("N", [4, 6, 32])
+    def test_other_state_sizes(self, N):
+        check(37, E=72, N=N, reverse=True)
+
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @pytest.mark.parametrize("has_D,has_z,has_bias", [
+        (False, False, False), (True, False, False), (False, True, True)],
+        ids=["none", "D", "z+bias"])
+    def test_optional_inputs(self, has_D, has_z, has_bias, reverse):
+        check(23, E=40, reverse=reverse, has_D=has_D, has_z=has_z, has_bias=has_bias)
+
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    def test_no_softplus(self, reverse):
+        leaves, args = make_inputs(2, 40, 16, 21, device="cuda")
+        with torch.no_grad():
+            args["delta_bias"].copy_(args["delta_bias"].abs() + 2.0)
+        run = lambda scan: scan(*(args[k] for k in NAMES), delta_softplus=False,  # noqa: E731
+                                reverse=reverse)
+        out, ref = run(gluon_scan), run(selective_scan_reference)
+        assert rel_err(out, ref) < 1e-4
+        grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+        ref_grads = torch.autograd.grad(ref.sum(), list(leaves.values()))
+        for k, a, b in zip(leaves, grads, ref_grads):
+            assert rel_err(a, b) < 1e-4, k
+
+    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    def test_decays_that_underflow(self, reverse):
+        # delta |A| up to ~2000: exp(delta A) is 0 in fp32 for most states; the adjoint reuses
+        # these decays and must not turn them into 0 * inf.
+        leaves, args = make_inputs(1, 40, 16, 37, device="cuda")
+        with torch.no_grad():
+            args["delta_bias"].add_(100.0)
+        run = lambda scan: scan(*(args[k] for k in NAMES), reverse=reverse)  # noqa: E731
+        out, ref = run(gluon_scan), run(selective_scan_reference)
+        assert rel_err(out, ref) < 1e-4
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, list(leaves.values()), dout)
+        ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout)
+        for k, a, b in zip(leaves, grads, ref_grads):
+            assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, k
+
+    @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
+    def test_every_autotuning_candidate(self, monkeypatch, kernel):
+        # The autotuner runs only the config it picks; the layouts, shared-memory sizes and
+        # cross-warp sums differ between candidates.
+        tuner = {"fwd": ssg._scan_fwd, "bwd": ssg._scan_bwd}[kernel]
+        for config in list(tuner.configs):
+            monkeypatch.setattr(tuner, "configs", [config])
+            monkeypatch.setattr(tuner, "cache", {})
+            for reverse in (False, True):
+                check(70, E=200, dtype=torch.bfloat16, tol=1e-2, reverse=reverse,
+                      strided=True)
+
+    def test_the_backend_choice_runs_gluon(self):
+        import selective_scan as ss
+        forward, backward = ss.scan_kernels("triton", torch.device("cuda"))
+        assert (forward, backward) == (ssg.scan_forward, ssg.scan_backward)
+
+
+# Without a GPU: what the compiler makes of every candidate for sm_90a at the model's call.
+@pytest.fixture(scope="module")
+def gluon_reports():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernels themselves are compiled and run")
+    done = run_kernel_stats("--family", "gluon", "--reverse", "both", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_every_candidate_compiles_for_h100_without_spills(gluon_reports):
+    assert {(r["family"], r["kernel"], r["reverse"], r["BLOCK_L"], r["num_warps"])
+            for r in gluon_reports} == {
+        ("gluon", tuner.fn.__name__, reverse, c.kwargs["BLOCK_L"], c.num_warps)
+        for tuner in (ssg._scan_fwd, ssg._scan_bwd) for c in tuner.configs
+        for reverse in (False, True)}
+    for report in gluon_reports:
+        assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
+        # One channel per thread: sums over the states are in-thread chains, no shuffles.
+        assert report["ops"]["SHFL"] == 0 or report["kernel"] == "_scan_bwd_kernel", report
+        assert report["instructions"] > 300 and report["ops"]["MUFU"] > 0, report
+
+
+# What the Gluon kernels reached on Triton 3.8 (best forward + best backward candidate at the
+# Base call, sm_90a): a ratchet, so a change that makes them cost more fails here.
+REACHED = {"3.8": 40.0}
+REACHED_MUFU = 3.6
+
+
+def test_static_counts_do_not_regress(gluon_reports):
+    pair = best_pair(gluon_reports, "gluon")
+    assert pair["mufu_per_element"] <= REACHED_MUFU, pair
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version not in REACHED:
+        pytest.skip(f"no figure recorded for Triton {version}")
+    assert pair["per_element"] <= REACHED[version], pair
+
+
+# Issue 12's static targets (see tests/test_selective_scan_triton.py). The Gluon kernels are
+# the best candidates of either family, and still short of them: the backward must rebuild
+# the chunk-boundary states itself (an exponential and ~5 instructions per state element)
+# because the backend contract gives it the inputs only, and the sums of dB and dC over the
+# channels cost ~4 more. Strict, so the day they hold this test fails as XPASS.
+TARGETS = {"3.8": 30.0, "3.6": 34.0}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
+                   "state element) are not reached yet")
+def test_static_targets_of_issue_12(gluon_reports):
+    pair = best_pair(gluon_reports, "gluon")
+    version = ".".join(triton.__version__.split(".")[:2])
+    assert pair["mufu_per_element"] <= 2.5, pair
+    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
