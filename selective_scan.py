@@ -471,6 +471,26 @@ def get_scan(backend: str) -> Callable:
     raise ValueError(f"not a concrete scan backend: {backend!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_module(device: torch.device) -> str:
+    """The module of the ``triton`` backend's kernels for ``device``, said once per device:
+    the Gluon kernels (``selective_scan_gluon.py``: shared memory, one channel per thread) on
+    sm_90+ GPUs where this Triton has Gluon, the plain-Triton ones elsewhere. The Gluon
+    kernels were written for Hopper's shared memory and are compiled and checked for sm_90a
+    only."""
+    choice = "selective_scan_triton"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        why = "plain Triton (the Gluon kernels are for sm_90+)"
+    else:
+        try:
+            importlib.import_module("selective_scan_gluon")
+            choice, why = "selective_scan_gluon", "Gluon kernels (sm_90+)"
+        except (ImportError, AttributeError):  # no triton.experimental.gluon, or an older one
+            why = "plain Triton (this Triton's Gluon is missing or too old)"
+    print(f"[selective_scan] triton backend on {device}: {why}")
+    return choice
+
+
 def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
     """The (forward, backward) functions of a concrete backend for tensors on ``device``:
     ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse) -> out`` and
@@ -483,7 +503,7 @@ def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable
             return module.scan_forward, module.scan_backward
         return loop_scan_forward, loop_scan_backward
     if backend == "triton":
-        module = importlib.import_module("selective_scan_triton")
+        module = importlib.import_module(_triton_kernels_module(device))
         return module.scan_forward, module.scan_backward
     if backend == "cuda":
         return _cuda_scan_forward, _cuda_scan_backward
