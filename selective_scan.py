@@ -475,12 +475,16 @@ def get_scan(backend: str) -> Callable:
 def _triton_kernels_module(device: torch.device) -> str:
     """The module of the ``triton`` backend's kernels for ``device``, said once per device:
     the Gluon kernels (``selective_scan_gluon.py``: shared memory, one channel per thread) on
-    sm_90+ GPUs where this Triton has Gluon, the plain-Triton ones elsewhere. The Gluon
-    kernels were written for Hopper's shared memory and are compiled and checked for sm_90a
-    only."""
+    sm_90+ GPUs where this Triton has Gluon and ``MAMBAR_TRITON_GLUON=1`` asks for them, the
+    plain-Triton ones elsewhere. The Gluon kernels were written for Hopper's shared memory and
+    are compiled and checked for sm_90a only; they stay opt-in until their GPU tests
+    (``tests/test_selective_scan_gluon.py``, marked ``gpu``) have passed on a GPU."""
     choice = "selective_scan_triton"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         why = "plain Triton (the Gluon kernels are for sm_90+)"
+    elif os.environ.get("MAMBAR_TRITON_GLUON") != "1":
+        why = ("plain Triton (the Gluon kernels, not yet checked on a GPU, run with "
+               "MAMBAR_TRITON_GLUON=1)")
     else:
         try:
             importlib.import_module("selective_scan_gluon")

@@ -141,12 +141,16 @@ class TestGPU:
         assert (forward, backward) == (ssg.scan_forward, ssg.scan_backward)
 
 
-def test_the_triton_backend_picks_gluon_on_sm90_only(monkeypatch, capsys):
+def test_the_triton_backend_picks_gluon_on_sm90_only_when_asked(monkeypatch, capsys):
     import selective_scan as ss
     import selective_scan_triton as sst
     cuda = torch.device("cuda", 7)  # a device no test uses: the choice is cached per device
-    for major, module in ((8, sst), (9, ssg)):
+    for major, opt_in, module in ((8, "1", sst), (9, None, sst), (9, "1", ssg)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (major, 0))
+        if opt_in:
+            monkeypatch.setenv("MAMBAR_TRITON_GLUON", opt_in)
+        else:
+            monkeypatch.delenv("MAMBAR_TRITON_GLUON", raising=False)
         ss._triton_kernels_module.cache_clear()
         assert ss.scan_kernels("triton", cuda) == (module.scan_forward, module.scan_backward)
         assert ss.scan_kernels("triton", cuda)[0] is module.scan_forward
@@ -156,7 +160,10 @@ def test_the_triton_backend_picks_gluon_on_sm90_only(monkeypatch, capsys):
     # Said once per device and choice, not once per call.
     assert [line for line in printed if "cuda:7" in line] == [
         "[selective_scan] triton backend on cuda:7: plain Triton (the Gluon kernels are for "
-        "sm_90+)", "[selective_scan] triton backend on cuda:7: Gluon kernels (sm_90+)"]
+        "sm_90+)",
+        "[selective_scan] triton backend on cuda:7: plain Triton (the Gluon kernels, not yet "
+        "checked on a GPU, run with MAMBAR_TRITON_GLUON=1)",
+        "[selective_scan] triton backend on cuda:7: Gluon kernels (sm_90+)"]
 
 
 # Without a GPU: what the compiler makes of every candidate for sm_90a at the model's call.
