@@ -48,10 +48,11 @@ Design, and why:
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+
+from selective_scan_triton import boundary_slots, launch_backward, launch_forward
 
 # Triton 3.6 (the GPU image) calls the CTA-wide barrier thread_barrier; 3.8 renamed it.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -466,10 +467,6 @@ _scan_bwd = triton.autotune(configs=_BWD_CONFIGS, key=["E", "N", "L"],
                             )(_scan_bwd_kernel)
 
 
-def _strides3(t):
-    return (0, 0, 0) if t is None else tuple(t.stride())
-
-
 def _block_n(N: int) -> int:
     block_n = triton.next_power_of_2(N)
     if block_n > 32:  # the layouts put at most a warp's 32 lanes on the states
@@ -478,68 +475,23 @@ def _block_n(N: int) -> int:
 
 
 def _boundary_slots(L: int) -> int:
-    """States per channel the backward's scratch holds: the chunk boundaries of the shortest
-    chunks the autotuner may pick (at least one, so the buffer is never empty)."""
-    min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd.configs)
-    return max(triton.cdiv(L, min_block_l) - 1, 1)
+    return boundary_slots(_scan_bwd, L)
+
+
+def _channels_per_program(meta) -> int:
+    return 32 * meta["num_warps"]          # one channel per thread
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     """The scan's output (B, E, L) in u's dtype; nothing is kept."""
-    batch, E, L = u.shape
-    N = A.shape[1]
-    if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
-        raise ValueError(f"shape mismatch: u {tuple(u.shape)}, delta {tuple(delta.shape)}, "
-                         f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z has shape {tuple(z.shape)}, expected {tuple(u.shape)}")
-    D = None if D is None else D.contiguous()
-    delta_bias = None if delta_bias is None else delta_bias.contiguous()
-    out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
-    # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
-    grid = lambda meta: (triton.cdiv(E, 32 * meta["num_warps"]), batch)  # noqa: E731
-    _scan_fwd[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z,
-        u if delta_bias is None else delta_bias, out,
-        E, N, L,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=_block_n(N),
-    )
-    return out
+    return launch_forward(_scan_fwd, _channels_per_program, _block_n(A.shape[1]), u, delta, A,
+                          B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
-    None for an absent optional input. The kernel first recomputes delta and the state at
-    each chunk boundary into scratch buffers that live for this call only."""
-    batch, E, L = u.shape
-    N = A.shape[1]
-    D = None if D is None else D.contiguous()
-    delta_bias = None if delta_bias is None else delta_bias.contiguous()
-    block_n = _block_n(N)
-    dev, f32 = u.device, torch.float32
-    ckpt = torch.empty((batch, E, _boundary_slots(L), block_n), dtype=f32, device=dev)
-    dt = torch.empty((batch, E, L), dtype=f32, device=dev)
-    du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
-    ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
-    dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
-    dA = torch.zeros((E, N), dtype=f32, device=dev)
-    dB = torch.zeros((batch, N, L), dtype=f32, device=dev)
-    dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
-    dD = torch.zeros((E,), dtype=f32, device=dev)
-    dbias = torch.zeros((E,), dtype=f32, device=dev)
-    grid = lambda meta: (triton.cdiv(E, 32 * meta["num_warps"]), batch)  # noqa: E731
-    _scan_bwd[grid](
-        u, delta, A, B, C, u if D is None else D, u if z is None else z,
-        u if delta_bias is None else delta_bias, dt, ckpt, dout,
-        du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
-        E, N, L, ckpt.stride(1),
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        *dout.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=block_n,
-    )
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD.to(D.dtype), dz,
-            None if delta_bias is None else dbias.to(delta_bias.dtype))
+    None for an absent optional input. The kernel first stores the state at each chunk
+    boundary into a scratch buffer that lives for this call only."""
+    return launch_backward(_scan_bwd, _channels_per_program, _block_n(A.shape[1]),
+                           _boundary_slots(u.shape[2]), u, delta, A, B, C, D, z, delta_bias,
+                           dout, delta_softplus, reverse)

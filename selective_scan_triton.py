@@ -422,15 +422,22 @@ def _strides3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
-def _boundary_slots(L: int) -> int:
-    """States per channel the backward's scratch holds: the chunk boundaries of the shortest
-    chunks the autotuner may pick (at least one, so the buffer is never empty)."""
-    min_block_l = min(config.kwargs["BLOCK_L"] for config in _scan_bwd_kernel.configs)
+def boundary_slots(kernel, L: int) -> int:
+    """States per channel a backward's scratch holds: the chunk boundaries of the shortest
+    chunks ``kernel``'s autotuner may pick (at least one, so the buffer is never empty)."""
+    min_block_l = min(config.kwargs["BLOCK_L"] for config in kernel.configs)
     return max(triton.cdiv(L, min_block_l) - 1, 1)
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+def _boundary_slots(L: int) -> int:
+    return boundary_slots(_scan_bwd_kernel, L)
+
+
+def launch_forward(kernel, channels_per_program, block_n, u, delta, A, B, C, D, z, delta_bias,
+                   delta_softplus, reverse):
+    """Run a forward scan kernel with this module's arguments (``selective_scan_gluon`` shares
+    them): one program per (``channels_per_program(meta)`` channels, image). Returns the
+    output (B, E, L) in u's dtype; nothing is kept."""
     batch, E, L = u.shape
     N = A.shape[1]
     if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
@@ -443,30 +450,29 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
     out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
     # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
-    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-    _scan_fwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(E, channels_per_program(meta)), batch)  # noqa: E731
+    kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, out,
         E, N, L,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse),
-        BLOCK_N=triton.next_power_of_2(N),
+        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=block_n,
     )
     return out
 
 
-def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
-    None for an absent optional input. The kernel first recomputes delta and the state at
-    each chunk boundary into scratch buffers that live for this call only."""
+def launch_backward(kernel, channels_per_program, block_n, slots, u, delta, A, B, C, D, z,
+                    delta_bias, dout, delta_softplus, reverse):
+    """Run a backward scan kernel with this module's arguments, ``slots`` boundary states per
+    channel in its scratch. Returns (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), None for
+    an absent optional input; the scratch buffers live for this call only."""
     batch, E, L = u.shape
     N = A.shape[1]
     D = None if D is None else D.contiguous()
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
-    block_n = triton.next_power_of_2(N)
     dev, f32 = u.device, torch.float32
-    ckpt = torch.empty((batch, E, _boundary_slots(L), block_n), dtype=f32, device=dev)
+    ckpt = torch.empty((batch, E, slots, block_n), dtype=f32, device=dev)
     dt = torch.empty((batch, E, L), dtype=f32, device=dev)
     du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
     ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
@@ -476,8 +482,8 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
     dD = torch.zeros((E,), dtype=f32, device=dev)
     dbias = torch.zeros((E,), dtype=f32, device=dev)
-    grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]), batch)  # noqa: E731
-    _scan_bwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(E, channels_per_program(meta)), batch)  # noqa: E731
+    kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, dt, ckpt, dout,
         du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
@@ -490,6 +496,26 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             None if D is None else dD.to(D.dtype), dz,
             None if delta_bias is None else dbias.to(delta_bias.dtype))
+
+
+def _channels_per_program(meta) -> int:
+    return meta["BLOCK_E"]
+
+
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+    return launch_forward(_scan_fwd_kernel, _channels_per_program,
+                          triton.next_power_of_2(A.shape[1]), u, delta, A, B, C, D, z,
+                          delta_bias, delta_softplus, reverse)
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
+    None for an absent optional input. The kernel first recomputes delta and the state at
+    each chunk boundary into scratch buffers that live for this call only."""
+    return launch_backward(_scan_bwd_kernel, _channels_per_program,
+                           triton.next_power_of_2(A.shape[1]), _boundary_slots(u.shape[2]),
+                           u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
 
 
 class _SelectiveScanTriton(torch.autograd.Function):
