@@ -9,7 +9,6 @@ decays that underflow, the optional inputs, and every autotuning candidate. With
 what can be checked is what the compiler makes of them for sm_90a (scripts/kernel_stats.py):
 every candidate compiles without spills in both directions, and the figures do not regress.
 """
-import json
 import os
 import sys
 
@@ -26,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import selective_scan_gluon as ssg  # noqa: E402
 from selective_scan import selective_scan_reference  # noqa: E402
-from test_selective_scan_triton import (NAMES, best_pair, check_against,  # noqa: E402
-                                        make_inputs, rel_err, run_kernel_stats)
+from test_selective_scan_triton import (NAMES, assert_issue_12_targets,  # noqa: E402
+                                        assert_no_regression, best_pair, check_against,
+                                        family_reports, make_inputs, rel_err)
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 on_sm90 = pytest.mark.skipif(not SM90, reason="needs an sm_90+ GPU: Gluon does not run "
@@ -169,11 +169,7 @@ def test_the_triton_backend_picks_gluon_on_sm90_only_when_asked(monkeypatch, cap
 # Without a GPU: what the compiler makes of every candidate for sm_90a at the model's call.
 @pytest.fixture(scope="module")
 def gluon_reports():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the kernels themselves are compiled and run")
-    done = run_kernel_stats("--family", "gluon", "--reverse", "both", "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    return family_reports("gluon")
 
 
 def test_every_candidate_compiles_for_h100_without_spills(gluon_reports):
@@ -196,12 +192,7 @@ REACHED_MUFU = 3.6
 
 
 def test_static_counts_do_not_regress(gluon_reports):
-    pair = best_pair(gluon_reports, "gluon")
-    assert pair["mufu_per_element"] <= REACHED_MUFU, pair
-    version = ".".join(triton.__version__.split(".")[:2])
-    if version not in REACHED:
-        pytest.skip(f"no figure recorded for Triton {version}")
-    assert pair["per_element"] <= REACHED[version], pair
+    assert_no_regression(best_pair(gluon_reports, "gluon"), REACHED, REACHED_MUFU)
 
 
 # Issue 12's static targets (see tests/test_selective_scan_triton.py). The Gluon kernels are
@@ -209,13 +200,7 @@ def test_static_counts_do_not_regress(gluon_reports):
 # the chunk-boundary states itself (an exponential and ~5 instructions per state element)
 # because the backend contract gives it the inputs only, and the sums of dB and dC over the
 # channels cost ~4 more. Strict, so the day they hold this test fails as XPASS.
-TARGETS = {"3.8": 30.0, "3.6": 34.0}
-
-
 @pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
                    "state element) are not reached yet")
 def test_static_targets_of_issue_12(gluon_reports):
-    pair = best_pair(gluon_reports, "gluon")
-    version = ".".join(triton.__version__.split(".")[:2])
-    assert pair["mufu_per_element"] <= 2.5, pair
-    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
+    assert_issue_12_targets(best_pair(gluon_reports, "gluon"))

@@ -311,14 +311,20 @@ def run_kernel_stats(*args):
 # (sm_90a) without a GPU, with the specialisations a model's call gets, and reports ptxas's
 # register and spill figures and the SASS instruction counts. The interpreter checks the
 # kernels' numbers, not that they compile, nor what they cost.
-@pytest.fixture(scope="module")
-def stats_reports():
+def family_reports(family):
+    """kernel_stats.py's reports of every candidate of one kernel family, both directions
+    (skipped on a GPU, where the kernels themselves are compiled and run)."""
     if HAS_CUDA:
         pytest.skip("on a GPU the kernels themselves are compiled and run")
-    # The Gluon kernels' figures: tests/test_selective_scan_gluon.py.
-    done = run_kernel_stats("--family", "triton", "--reverse", "both", "--json")
+    done = run_kernel_stats("--family", family, "--reverse", "both", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stats_reports():
+    # The Gluon kernels' figures: tests/test_selective_scan_gluon.py.
+    return family_reports("triton")
 
 
 def best_pair(reports, family=None):
@@ -344,27 +350,37 @@ REACHED = {"3.8": 64.5}
 REACHED_MUFU = 3.75
 
 
-def test_static_counts_do_not_regress(stats_reports):
-    pair = best_pair(stats_reports)
-    assert pair["mufu_per_element"] <= REACHED_MUFU, pair
+def assert_no_regression(pair, reached, reached_mufu):
+    """The best pair costs no more than the figures a family has reached (per Triton
+    version; skipped for a version with none recorded)."""
+    assert pair["mufu_per_element"] <= reached_mufu, pair
     version = ".".join(triton.__version__.split(".")[:2])
-    if version not in REACHED:
+    if version not in reached:
         pytest.skip(f"no figure recorded for Triton {version}")
-    assert pair["per_element"] <= REACHED[version], pair
+    assert pair["per_element"] <= reached[version], pair
 
 
-# Issue 12's static targets. Not reached by the plain-Triton design in this module (see its
-# docstring): strict, so the day they hold this test fails as XPASS and the marker must go.
+def test_static_counts_do_not_regress(stats_reports):
+    assert_no_regression(best_pair(stats_reports), REACHED, REACHED_MUFU)
+
+
+# Issue 12's static targets, per Triton version: instructions and MUFU per state element.
 TARGETS = {"3.8": 30.0, "3.6": 34.0}
+TARGET_MUFU = 2.5
 
 
+def assert_issue_12_targets(pair):
+    version = ".".join(triton.__version__.split(".")[:2])
+    assert pair["mufu_per_element"] <= TARGET_MUFU, pair
+    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
+
+
+# Not reached by the plain-Triton design in this module (see its docstring): strict, so the
+# day they hold this test fails as XPASS and the marker must go.
 @pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
                    "state element) are not reached yet")
 def test_static_targets_of_issue_12(stats_reports):
-    pair = best_pair(stats_reports)
-    version = ".".join(triton.__version__.split(".")[:2])
-    assert pair["mufu_per_element"] <= 2.5, pair
-    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
+    assert_issue_12_targets(best_pair(stats_reports))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")
