@@ -172,6 +172,30 @@ def _store_tile(tile, dst, b, e0):
 
 
 @numba.njit(**_JIT)
+def _dt_tile(xs, bias, e0, softplus, dts, dts_dx):
+    """dts = softplus(xs + bias) (xs + bias without ``softplus``) over a job's (L, channels)
+    tile, and the derivative into dts_dx when it has rows. One loop nest per case: a branch
+    on the flag inside the loop kept LLVM from vectorising it, and this scalar softplus took
+    as long as the vectorised scan steps."""
+    length, width = _U(xs.shape[0]), _U(xs.shape[1])
+    slope = dts_dx.shape[0] > 0
+    if softplus and slope:
+        for t in range(length):
+            for e in range(width):
+                dts[t, e], dts_dx[t, e] = _softplus_sigmoid(xs[t, e] + bias[e0 + e])
+    elif softplus:
+        for t in range(length):
+            for e in range(width):
+                dts[t, e] = _softplus_sigmoid(xs[t, e] + bias[e0 + e])[0]
+    else:
+        for t in range(length):
+            for e in range(width):
+                dts[t, e] = xs[t, e] + bias[e0 + e]
+        if slope:
+            dts_dx[:] = 1
+
+
+@numba.njit(**_JIT)
 def _forward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softplus, reverse,
                   out):
     """Jobs [first, last) of the forward: job j is batch j // blocks, channels
@@ -184,43 +208,44 @@ def _forward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, softp
     blocks = _U(a_t.shape[1]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
     h = np.zeros((states, width), u.dtype)
-    y = np.empty(width, u.dtype)
-    dt = np.empty(width, u.dtype)
-    dtu = np.empty(width, u.dtype)
-    # The job's tiles, time-major so that the channels are the vector lanes.
+    # The job's tiles, indexed by time t, time-major so that the channels are the vector
+    # lanes; the time loop touches only its step's rows.
     us = np.empty((length, width), u.dtype)
     xs = np.empty((length, width), u.dtype)
     zs = np.empty((length, width), u.dtype)
-    outs = np.empty((length, width), u.dtype)
+    dts = np.empty((length, width), u.dtype)
+    dtus = np.empty((length, width), u.dtype)
+    ys = np.empty((length, width), u.dtype)
+    no_slope = np.empty((0, 0), u.dtype)
     for job in range(_U(first), _U(last)):
         b, e0 = job // blocks, (job % blocks) * width
         _load_tile(u, b, e0, us)
         _load_tile(delta, b, e0, xs)
-        if gate:
-            _load_tile(z, b, e0, zs)
+        _dt_tile(xs, bias, e0, softplus, dts, no_slope)
+        for t in range(length):
+            for e in range(width):
+                dtus[t, e] = dts[t, e] * us[t, e]
+                ys[t, e] = 0
         h[:] = 0
         for s in range(length):
             t = length - _U1 - s if reverse else s
-            for e in range(width):
-                x = xs[t, e] + bias[e0 + e]
-                dt[e] = _softplus_sigmoid(x)[0] if softplus else x
-                dtu[e] = dt[e] * us[t, e]
-                y[e] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
                 for e in range(width):
-                    hv = _exp(dt[e] * a_t[n, e0 + e]) * h[n, e] + dtu[e] * bn
+                    hv = _exp(dts[t, e] * a_t[n, e0 + e]) * h[n, e] + dtus[t, e] * bn
                     h[n, e] = hv
-                    y[e] += hv * cn
-            for e in range(width):
-                yv = y[e]
-                if skip:
-                    yv += d[e0 + e] * us[t, e]
-                if gate:
+                    ys[t, e] += hv * cn
+        if skip:
+            for t in range(length):
+                for e in range(width):
+                    ys[t, e] += d[e0 + e] * us[t, e]
+        if gate:
+            _load_tile(z, b, e0, zs)
+            for t in range(length):
+                for e in range(width):
                     zv = zs[t, e]
-                    yv = yv * zv / (_ONE + _exp(-zv))
-                outs[t, e] = yv
-        _store_tile(outs, out, b, e0)
+                    ys[t, e] = ys[t, e] * zv / (_ONE + _exp(-zv))
+        _store_tile(ys, out, b, e0)
 
 
 @numba.njit(**_JIT)
@@ -234,23 +259,25 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
     width = _U(block)
     blocks = _U(a_t.shape[1]) // width
     gate, skip = z.shape[0] > 0, d.shape[0] > 0
-    # Row s + 1 holds step s; row 0 (no earlier state) and row length + 1 (no later decay)
-    # stay zero, so the first and last steps need no branches.
-    hs = np.zeros((length + _U2, states, width), u.dtype)
-    decays = np.zeros((length + _U2, states, width), u.dtype)
-    dts = np.empty((length, width), u.dtype)
-    dts_dx = np.empty((length, width), u.dtype)       # softplus' at step s
-    dtus = np.empty((length, width), u.dtype)         # dt u at step s
-    dys = np.empty((length, width), u.dtype)
-    g = np.empty((states, width), u.dtype)
-    y = np.empty(width, u.dtype)
-    g_b = np.empty(width, u.dtype)
-    g_dt = np.empty(width, u.dtype)
-    # The job's tiles, indexed by time t (as the inputs), time-major.
+    # Step s: its decays in row s, the state before it in row s of hs (row 0 stays zero).
+    hs = np.zeros((length + _U1, states, width), u.dtype)
+    decays = np.empty((length, states, width), u.dtype)
+    carry = np.empty((states, width), u.dtype)         # exp(dt_{s+1} A) g_{s+1}
+    # The job's tiles, indexed by time t, time-major: the inputs; dt, softplus' (dts_dx),
+    # dt u, the gate's sigmoid, y, dL/dy; the sums over states of g B and g exp(dt A) h A;
+    # the outputs.
     us = np.empty((length, width), u.dtype)
     xs = np.empty((length, width), u.dtype)
     zs = np.empty((length, width), u.dtype)
     gos = np.empty((length, width), u.dtype)
+    dts = np.empty((length, width), u.dtype)
+    dts_dx = np.empty((length, width), u.dtype)
+    dtus = np.empty((length, width), u.dtype)
+    sigs = np.empty((length, width), u.dtype)
+    ys = np.empty((length, width), u.dtype)
+    dys = np.empty((length, width), u.dtype)
+    g_bs = np.empty((length, width), u.dtype)
+    g_dts = np.empty((length, width), u.dtype)
     dus = np.empty((length, width), u.dtype)
     dxs = np.empty((length, width), u.dtype)
     dzs = np.empty((length, width), u.dtype)
@@ -259,67 +286,76 @@ def _backward_jobs(first, last, block, u, delta, bias, z, a_t, b_t, c_t, d, soft
         _load_tile(u, b, e0, us)
         _load_tile(delta, b, e0, xs)
         _load_tile(dout, b, e0, gos)
+        _dt_tile(xs, bias, e0, softplus, dts, dts_dx)
+        for t in range(length):
+            for e in range(width):
+                dtus[t, e] = dts[t, e] * us[t, e]
+                ys[t, e] = 0
+                g_bs[t, e] = 0
+                g_dts[t, e] = 0
+        # dL/dy needs z only, so it is known before the scan, and dC comes with the re-run.
         if gate:
             _load_tile(z, b, e0, zs)
-        # Re-run the forward, keeping every state and decay; then the gate's gradients.
+            for t in range(length):
+                for e in range(width):
+                    sig = _ONE / (_ONE + _exp(-zs[t, e]))
+                    sigs[t, e] = sig
+                    dys[t, e] = gos[t, e] * zs[t, e] * sig
+        else:
+            dys[:] = gos
+        # Re-run the forward, keeping every state and decay.
         for s in range(length):
             t = length - _U1 - s if reverse else s
-            for e in range(width):
-                x = xs[t, e] + bias[e0 + e]
-                if softplus:
-                    dts[s, e], dts_dx[s, e] = _softplus_sigmoid(x)
-                else:
-                    dts[s, e], dts_dx[s, e] = x, _ONE
-                dtus[s, e] = dts[s, e] * us[t, e]
-                y[e] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
+                sum_c = _ZERO
                 for e in range(width):
-                    dec = _exp(dts[s, e] * a_t[n, e0 + e])
-                    hv = dec * hs[s, n, e] + dtus[s, e] * bn
-                    decays[s + _U1, n, e] = dec
+                    dec = _exp(dts[t, e] * a_t[n, e0 + e])
+                    hv = dec * hs[s, n, e] + dtus[t, e] * bn
+                    decays[s, n, e] = dec
                     hs[s + _U1, n, e] = hv
-                    y[e] += hv * cn
-            for e in range(width):
-                go = gos[t, e]
-                if gate:
-                    zv = zs[t, e]
-                    yv = y[e] + d[e0 + e] * us[t, e] if skip else y[e]
-                    sig = _ONE / (_ONE + _exp(-zv))
-                    dys[s, e] = go * zv * sig
-                    dzs[t, e] = go * yv * sig * (_ONE + zv * (_ONE - sig))
-                else:
-                    dys[s, e] = go
-        # Adjoint: g_s = dy_s C_s + exp(dt_{s+1} A) g_{s+1}, walked against the scan.
-        g[:] = 0
+                    ys[t, e] += hv * cn
+                    sum_c += dys[t, e] * hv
+                dc[b, t, n] += sum_c
+        if gate:
+            if skip:
+                for t in range(length):
+                    for e in range(width):
+                        ys[t, e] += d[e0 + e] * us[t, e]
+            for t in range(length):
+                for e in range(width):
+                    zv, sig = zs[t, e], sigs[t, e]
+                    dzs[t, e] = gos[t, e] * ys[t, e] * sig * (_ONE + zv * (_ONE - sig))
+        # Adjoint, walked against the scan: g_s = dy_s C_s + exp(dt_{s+1} A) g_{s+1}; and
+        # p = g_s exp(dt_s A) h_{s-1} = dL/d(dt_s A).
+        carry[:] = 0
         for r in range(length):
             s = length - _U1 - r
             t = length - _U1 - s if reverse else s
-            g_b[:] = 0
-            g_dt[:] = 0
             for n in range(states):
                 bn, cn = b_t[b, t, n], c_t[b, t, n]
-                sum_b = sum_c = _ZERO
+                sum_b = _ZERO
                 for e in range(width):
-                    gv = dys[s, e] * cn + decays[s + _U2, n, e] * g[n, e]
-                    g[n, e] = gv
-                    g_b[e] += gv * bn
-                    p = gv * decays[s + _U1, n, e] * hs[s, n, e]    # dL/d(dt A), this state
-                    g_dt[e] += p * a_t[n, e0 + e]
-                    da[n, e0 + e] += p * dts[s, e]
-                    sum_b += gv * dtus[s, e]
-                    sum_c += dys[s, e] * hs[s + _U1, n, e]
+                    gv = dys[t, e] * cn + carry[n, e]
+                    k = decays[s, n, e] * gv
+                    carry[n, e] = k
+                    p = k * hs[s, n, e]
+                    g_bs[t, e] += gv * bn
+                    g_dts[t, e] += p * a_t[n, e0 + e]
+                    da[n, e0 + e] += p * dts[t, e]
+                    sum_b += gv * dtus[t, e]
                 db[b, t, n] += sum_b
-                dc[b, t, n] += sum_c
+        for t in range(length):
             for e in range(width):
-                uv = us[t, e]
-                gx = (uv * g_b[e] + g_dt[e]) * dts_dx[s, e]
+                gx = (us[t, e] * g_bs[t, e] + g_dts[t, e]) * dts_dx[t, e]
                 dxs[t, e] = gx
                 dbias[e0 + e] += gx
-                dus[t, e] = dts[s, e] * g_b[e]
-                if skip:
-                    dus[t, e] += d[e0 + e] * dys[s, e]
-                    dd[e0 + e] += dys[s, e] * uv
+                dus[t, e] = dts[t, e] * g_bs[t, e]
+        if skip:
+            for t in range(length):
+                for e in range(width):
+                    dus[t, e] += d[e0 + e] * dys[t, e]
+                    dd[e0 + e] += dys[t, e] * us[t, e]
         _store_tile(dus, du, b, e0)
         _store_tile(dxs, ddelta, b, e0)
         if gate:
