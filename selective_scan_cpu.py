@@ -3,10 +3,11 @@
 The pure-PyTorch loop in ``selective_scan.py`` issues a dozen small ATen ops per time step; at
 the model's sizes each costs more in dispatch and memory round trips than in arithmetic. Here
 each (image, block of ``BLOCK`` channels) job keeps its (states x channels) slab in L1 and does
-the softplus, the decay, the input term, the state update, the C contraction and the SiLU gate
-of a step in one loop nest that LLVM vectorises over the channels. Jobs are independent, so
-they are split between threads; the kernels release the GIL, and plain Python threads run them
-(no second OpenMP runtime next to PyTorch's).
+the decay, the input term, the state update and the C contraction of a step in one loop nest
+that LLVM vectorises over the channels; what needs no state (softplus, the SiLU gate, the skip
+term) runs before or after the time loop, over the job's whole (L, channels) tile, so that it
+vectorises too. Jobs are independent, so they are split between threads; the kernels release
+the GIL, and plain Python threads run them (no second OpenMP runtime next to PyTorch's).
 
 The backward keeps nothing from the forward but its inputs: each job re-runs its forward into
 a scratch of (L, N, BLOCK) states and decays (1.7 MB at L = 208, streamed through L2), then
