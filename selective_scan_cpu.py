@@ -175,9 +175,9 @@ def _store_tile(tile, dst, b, e0):
 @numba.njit(**_JIT)
 def _dt_tile(xs, bias, e0, softplus, dts, dts_dx):
     """dts = softplus(xs + bias) (xs + bias without ``softplus``) over a job's (L, channels)
-    tile, and the derivative into dts_dx when it has rows. One loop nest per case: a branch
-    on the flag inside the loop kept LLVM from vectorising it, and this scalar softplus took
-    as long as the vectorised scan steps."""
+    tile, and the derivative into dts_dx when it has rows. One loop nest per case: with the
+    flag tested inside the per-step channel loop, LLVM left the backward's copy of it
+    scalar."""
     length, width = _U(xs.shape[0]), _U(xs.shape[1])
     slope = dts_dx.shape[0] > 0
     if softplus and slope:
