@@ -157,21 +157,42 @@ def test_long_sequence_in_reverse():
     check_against(selective_scan_triton, selective_scan_reference, 1, 8, 4, 796, reverse=True)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_decays_that_underflow(reverse):
-    # delta |A| up to ~2000: exp(delta A) is 0 in fp32 for most states, 1e-6 to 1 for the
-    # smallest |A|; the adjoint reuses these decays, which must not turn into 0 * inf.
-    leaves, args = make_inputs(1, 8, 4, 37)
+def check_decays_that_underflow(scan, batch, E, N, L, reverse, device=DEVICE):
+    """delta |A| up to ~2000: exp(delta A) is 0 in fp32 for most states, 1e-6 to 1 for the
+    smallest |A|; the adjoint reuses these decays, which must not turn into 0 * inf. The
+    output and every gradient, finite and within 1e-4 of the oracle."""
+    leaves, args = make_inputs(batch, E, N, L, device=device)
     with torch.no_grad():
         args["delta_bias"].add_(100.0)
-    check = lambda scan: scan(*(args[k] for k in NAMES), reverse=reverse)  # noqa: E731
-    out, ref = check(selective_scan_triton), check(selective_scan_reference)
+    run = lambda fn: fn(*(args[k] for k in NAMES), reverse=reverse)  # noqa: E731
+    out, ref = run(scan), run(selective_scan_reference)
     assert rel_err(out, ref) < 1e-4
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(leaves.values()), dout)
     ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout)
     for k, a, b in zip(leaves, grads, ref_grads):
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, k
+
+
+def check_no_softplus(scan, batch, E, N, L, reverse, device=DEVICE):
+    """delta used as given. Without softplus it must stay positive for a stable scan: the
+    bias shifts it up. The output and every gradient within 1e-4 of the oracle."""
+    leaves, args = make_inputs(batch, E, N, L, device=device)
+    with torch.no_grad():
+        args["delta_bias"].copy_(args["delta_bias"].abs() + 2.0)
+    run = lambda fn: fn(*(args[k] for k in NAMES), delta_softplus=False,  # noqa: E731
+                        reverse=reverse)
+    out, ref = run(scan), run(selective_scan_reference)
+    assert rel_err(out, ref) < 1e-4
+    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
+    ref_grads = torch.autograd.grad(ref.sum(), list(leaves.values()))
+    for k, a, b in zip(leaves, grads, ref_grads):
+        assert rel_err(a, b) < 1e-4, k
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_decays_that_underflow(reverse):
+    check_decays_that_underflow(selective_scan_triton, 1, 8, 4, 37, reverse)
 
 
 @pytest.mark.parametrize("block_l", [4, 8, 32])
@@ -200,18 +221,7 @@ def test_optional_inputs(has_D, has_z, has_bias, reverse):
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_no_softplus(reverse):
-    # Without softplus delta must stay positive for a stable scan: the bias shifts it up.
-    leaves, args = make_inputs(2, 8, 4, 21)
-    with torch.no_grad():
-        args["delta_bias"].copy_(args["delta_bias"].abs() + 2.0)
-    check = lambda scan: scan(*(args[k] for k in NAMES), delta_softplus=False,  # noqa: E731
-                              reverse=reverse)
-    out, ref = check(selective_scan_triton), check(selective_scan_reference)
-    assert rel_err(out, ref) < 1e-4
-    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
-    ref_grads = torch.autograd.grad(ref.sum(), list(leaves.values()))
-    for k, a, b in zip(leaves, grads, ref_grads):
-        assert rel_err(a, b) < 1e-4, k
+    check_no_softplus(selective_scan_triton, 2, 8, 4, 21, reverse)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
