@@ -490,6 +490,13 @@ def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
 
 
+def _padded_bias(bias: Optional[torch.Tensor], dim: int, pad: int, work: torch.dtype
+                 ) -> torch.Tensor:
+    """A per-channel bias as the kernels take it: (dim + pad,) in ``work``, zeros if absent."""
+    return (_padded(bias.to(work), pad) if bias is not None
+            else torch.zeros(dim + pad, dtype=work))
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of ``t``, strides and all (the kernels read any layout)."""
     return t.detach().numpy()
@@ -506,8 +513,7 @@ class _Inputs:
         self.batch, self.dim, self.length = u.shape
         self.pad = -self.dim % BLOCK
         self.u, self.delta = u.to(work), delta.to(work)
-        self.bias = (_padded(delta_bias.to(work), self.pad) if delta_bias is not None
-                     else u.new_zeros(self.dim + self.pad, dtype=work))
+        self.bias = _padded_bias(delta_bias, self.dim, self.pad, work)
         self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E + pad)
         self.b_t = B.to(work).transpose(1, 2).contiguous()                    # (B, L, N)
         self.c_t = C.to(work).transpose(1, 2).contiguous()
@@ -563,9 +569,7 @@ def _conv_inputs(x, weight, bias):
     work = _work_dtype(x)
     pad = -x.shape[1] % BLOCK
     w_t = _padded(weight.to(work)[:, 0].t(), pad)
-    bias = (_padded(bias.to(work), pad) if bias is not None
-            else x.new_zeros(x.shape[1] + pad, dtype=work))
-    return x.to(work), w_t, bias
+    return x.to(work), w_t, _padded_bias(bias, x.shape[1], pad, work)
 
 
 def conv_silu_forward(x, weight, bias, reverse):
