@@ -223,7 +223,7 @@ def main() -> int:
     for family in families:
         for name in names:
             tuner = KERNELS[family][name]
-            label = f"{name}" if family == "triton" else f"g.{name}"
+            label = name if family == "triton" else f"g.{name}"
             for config in args.config or tuner.configs:
                 for reverse in directions:
                     try:
