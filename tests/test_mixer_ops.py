@@ -37,11 +37,16 @@ def split_xz(xz):
     return x, z
 
 
+def spec_causal_conv_silu(x, weight, bias):
+    """SiLU(causal depthwise conv) as the spec writes it: pad K - 1 tokens on the left."""
+    return F.silu(F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias, groups=x.shape[1]))
+
+
 def spec_direction(x, z, p, reverse):
     """The spec written out: the backward direction is the forward one on flipped copies."""
     if reverse:
         x, z = x.flip(-1), z.flip(-1)
-    u = F.silu(F.conv1d(F.pad(x, (K - 1, 0)), p["conv_weight"], p["conv_bias"], groups=E))
+    u = spec_causal_conv_silu(x, p["conv_weight"], p["conv_bias"])
     dt, b, c = torch.einsum("oi,bil->bol", p["x_proj_weight"], u).split([R, N, N], dim=1)
     delta = torch.einsum("er,brl->bel", p["dt_proj_weight"], dt)
     # As the official mixer: A, D and the dt bias go to the scan in fp32.
@@ -161,9 +166,8 @@ def test_backend_without_kernels_is_refused():
 def spec_conv_silu(x, weight, bias, reverse):
     """SiLU(causal depthwise conv), the anti-causal twin as flip -> conv -> flip."""
     if reverse:
-        x = x.flip(-1)
-    u = F.silu(F.conv1d(F.pad(x, (weight.shape[-1] - 1, 0)), weight, bias, groups=x.shape[1]))
-    return u.flip(-1) if reverse else u
+        return spec_causal_conv_silu(x.flip(-1), weight, bias).flip(-1)
+    return spec_causal_conv_silu(x, weight, bias)
 
 
 @pytest.mark.skipif(not ss.compiled_cpu_scan_available(), reason="numba not installed")
