@@ -98,20 +98,40 @@ def conv_kernels(backend: str, x: Tensor) -> Tuple[Callable, Callable]:
     return conv_silu, conv_silu_backward
 
 
+def _channel_minor(x: Tensor) -> bool:
+    """Whether (B, C, L) ``x`` is stored with its channels innermost, as (B, L, C)."""
+    return x.stride(1) < x.stride(2)
+
+
 def channel_matmul(weight: Tensor, x: Tensor) -> Tensor:
-    """(O, I) @ (B, I, L) -> (B, O, L), channels-first in and out as the scan reads them; the
-    weight cast to x's dtype, as autocast would."""
-    return torch.bmm(weight.to(x.dtype).expand(x.shape[0], -1, -1), x)
+    """(O, I) @ (B, I, L) -> (B, O, L) in x's layout, the weight cast to x's dtype as autocast
+    would: channels-first in and out, as the GPU kernels read them, by one bmm; channel-minor
+    in and out, as the compiled CPU kernels write and read them, by one GEMM over all B x L
+    tokens."""
+    weight = weight.to(x.dtype)
+    if _channel_minor(x):
+        return F.linear(x.transpose(1, 2), weight).transpose(1, 2)
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
 def _weight_grad(dout: Tensor, x: Tensor) -> Tensor:
     """The gradient of an (O, I) weight from (B, O, L) output and (B, I, L) input gradients,
-    summed over batch and tokens. In fp32/fp64, per-image products summed over the batch (an
-    einsum first copies both operands into (channel, batch x token) layouts: 3% of a CPU step
-    at the demo's sizes); in half precision one GEMM, so that the sum is rounded once."""
+    summed over batch and tokens. Both channel-minor: one GEMM over all tokens. Otherwise, in
+    fp32/fp64, per-image products summed over the batch (an einsum first copies both operands
+    into (channel, batch x token) layouts: 3% of a CPU step at the demo's sizes); in half
+    precision one GEMM, so that the sum is rounded once."""
+    if _channel_minor(dout) and _channel_minor(x):
+        return dout.transpose(1, 2).flatten(0, 1).t() @ x.transpose(1, 2).flatten(0, 1)
     if x.dtype in (torch.float32, torch.float64):
         return torch.bmm(dout, x.transpose(1, 2)).sum(0)
     return torch.einsum("bol,bil->oi", dout, x)
+
+
+def _cat_channels(parts: Tuple[Tensor, ...], like: Tensor) -> Tensor:
+    """(B, C_i, L) parts joined along the channels, in ``like``'s layout."""
+    if _channel_minor(like):
+        return torch.cat([p.transpose(1, 2) for p in parts], dim=2).transpose(1, 2)
+    return torch.cat(parts, dim=1)
 
 
 def _projections(u: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor
@@ -167,8 +187,8 @@ def ssm_direction_backward(dout: Tensor, x: Tensor, z: Tensor, conv_weight: Tens
         # Back through delta = W_dt dt and (dt, B, C) = W_x u, weights summed over the batch.
         ddelta = ddelta.to(u.dtype)
         ddt_proj = _weight_grad(ddelta, dt)
-        dx_dbl = torch.cat([channel_matmul(dt_proj_weight.t(), ddelta), db.to(u.dtype),
-                            dc.to(u.dtype)], dim=1)
+        dx_dbl = _cat_channels((channel_matmul(dt_proj_weight.t(), ddelta), db.to(u.dtype),
+                                dc.to(u.dtype)), like=ddelta)
         dx_proj = _weight_grad(dx_dbl, u)
         du = du.to(u.dtype) + channel_matmul(x_proj_weight.t(), dx_dbl)
         dx, dconv_weight, dconv_bias = conv_backward(du, x, conv_weight, conv_bias, reverse)

@@ -191,13 +191,15 @@ def test_compiled_conv_matches_the_spec_with_every_gradient(dtype, length, rever
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     got = selective_scan_cpu.conv_silu_forward(x.detach(), weight.detach(), bias.detach(),
                                                reverse)
-    assert got.dtype == dtype and got.is_contiguous()
+    # u comes out channel-minor, the layout the projections and the scan read fastest.
+    assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(got, want, **tol)
-    got_grads = selective_scan_cpu.conv_silu_backward(du, x.detach(), weight.detach(),
-                                                      bias.detach(), reverse)
-    for name, a, b in zip(("x", "weight", "bias"), got_grads, want_grads):
-        assert a.shape == b.shape and a.dtype == dtype
-        torch.testing.assert_close(a, b, **tol, msg=f"gradient of {name}")
+    for du_layout in (du, du.transpose(1, 2).contiguous().transpose(1, 2)):
+        got_grads = selective_scan_cpu.conv_silu_backward(du_layout, x.detach(), weight.detach(),
+                                                          bias.detach(), reverse)
+        for name, a, b in zip(("x", "weight", "bias"), got_grads, want_grads):
+            assert a.shape == b.shape and a.dtype == dtype
+            torch.testing.assert_close(a, b, **tol, msg=f"gradient of {name}")
 
 
 @pytest.mark.skipif(not ss.compiled_cpu_scan_available(), reason="numba not installed")
@@ -214,3 +216,20 @@ def test_cpu_conv_is_the_compiled_one_where_it_applies(monkeypatch):
     assert mixer_ops.conv_kernels("triton", x) == pytorch_pair
     monkeypatch.setattr(ss, "_load_cpu_scan", lambda: None)
     assert mixer_ops.conv_kernels("torch", x) == pytorch_pair
+
+
+@pytest.mark.parametrize("channel_minor", [False, True], ids=["channels-first", "channel-minor"])
+def test_projections_keep_the_layout_they_are_given(channel_minor):
+    """channel_matmul answers in its input's layout (channel-minor from the compiled CPU
+    kernels, channels-first elsewhere) and, with the weight gradient, equals einsum's sums."""
+    gen = torch.Generator().manual_seed(0)
+    layout = ((lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)) if channel_minor
+              else (lambda t: t))
+    x = layout(torch.randn(3, 5, 7, generator=gen, dtype=torch.float64))
+    dout = layout(torch.randn(3, 4, 7, generator=gen, dtype=torch.float64))
+    weight = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    got = mixer_ops.channel_matmul(weight, x)
+    torch.testing.assert_close(got, torch.einsum("oi,bil->bol", weight, x))
+    assert got.transpose(1, 2).is_contiguous() == channel_minor
+    torch.testing.assert_close(mixer_ops._weight_grad(dout, x),
+                               torch.einsum("bol,bil->oi", dout, x))
