@@ -143,12 +143,20 @@ def _projections(u: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor
     return dt, b_ssm, c_ssm, channel_matmul(dt_proj_weight, dt)
 
 
+def _channel_minor_output(backend: str, x: Tensor) -> bool:
+    """Whether ``ssm_direction``'s output is channel-minor: where the compiled CPU scan runs,
+    which writes it so (and out_proj reads it so, without a copy); contiguous elsewhere, as
+    the GPU kernels write it. The op and its fake decide here alike."""
+    return backend == "torch" and x.device.type == "cpu" and compiled_cpu_scan_available()
+
+
 @torch.library.custom_op("mambar::ssm_direction", mutates_args=())
 def ssm_direction(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                   x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor,
                   A_log: Tensor, D: Tensor, reverse: bool, backend: str) -> Tensor:
-    """One direction of the mixer, (B, E, L) in x's dtype, contiguous. ``backend`` is a
-    concrete scan backend (``selective_scan.resolve_backend``)."""
+    """One direction of the mixer, (B, E, L) in x's dtype, laid out as
+    ``_channel_minor_output`` says. ``backend`` is a concrete scan backend
+    (``selective_scan.resolve_backend``)."""
     forward, _ = scan_kernels(backend, x.device)
     conv_forward, _ = conv_kernels(backend, x)
     with without_autocast(x.device):
@@ -157,12 +165,16 @@ def ssm_direction(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
         with torch.profiler.record_function(SCAN_RANGE):
             out = forward(u, delta, -torch.exp(A_log.float()), b_ssm, c_ssm, D.float(), z,
                           dt_proj_bias.float(), True, reverse)
+    if _channel_minor_output(backend, x):
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
     return out.contiguous()
 
 
 @ssm_direction.register_fake
 def _(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
       reverse, backend):
+    if _channel_minor_output(backend, x):
+        return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
     return x.new_empty(x.shape)
 
 

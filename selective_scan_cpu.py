@@ -571,9 +571,10 @@ class _Inputs:
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """The scan's output (B, E, L), contiguous, in u's dtype; nothing is kept."""
+    """The scan's output (B, E, L), channel-minor (as out_proj reads it), in u's dtype;
+    nothing is kept."""
     x = _Inputs(u, delta, A, B, C, D, z, delta_bias)
-    out = x.output()
+    out = x.channel_minor_output()
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse), _operand(out))
     _run(_forward_jobs, _split(x.jobs(), torch.get_num_threads()), lambda i: arrays)
     return out.to(u.dtype)
@@ -596,8 +597,9 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
                  for t in (x.b_t, x.c_t)]
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse)) + tuple(
         _operand(t) for t in (dout.to(x.work), du, ddelta, dz))
-    _run(_backward_jobs, ranges, lambda i: arrays + tuple(t[min(i, len(t) - 1)].numpy()
-                                                          for t in sums))
+    per_task = [t.numpy() for t in sums]     # indexed in NumPy: 0.2 us, a tensor slice's .numpy() 3
+    _run(_backward_jobs, ranges, lambda i: arrays + tuple(a[min(i, len(a) - 1)]
+                                                          for a in per_task))
     da, db, dc, dd, dbias = (t.sum(0) for t in sums)
     return (du.to(u.dtype), ddelta.to(delta.dtype),
             da[:, :x.dim].t().to(A.dtype), db.transpose(1, 2).to(B.dtype),
@@ -638,8 +640,8 @@ def conv_silu_backward(du, x, weight, bias, reverse):
     dws, dbs = xw.new_zeros(len(ranges), *w_t.shape), xw.new_zeros(len(ranges), *b.shape)
     arrays = (BLOCK, _operand(xw), _array(w_t), _array(b), bool(reverse),
               _operand(du.to(xw.dtype)), _operand(dx))
-    _run(_conv_silu_backward_jobs, ranges,
-         lambda i: arrays + (dws[i].numpy(), dbs[i].numpy()))
+    dws_np, dbs_np = dws.numpy(), dbs.numpy()
+    _run(_conv_silu_backward_jobs, ranges, lambda i: arrays + (dws_np[i], dbs_np[i]))
     dim = x.shape[1]
     dweight = dws.sum(0)[:, :dim].t().unsqueeze(1).to(weight.dtype)
     return (dx.to(x.dtype), dweight,
