@@ -143,20 +143,23 @@ def _projections(u: Tensor, x_proj_weight: Tensor, dt_proj_weight: Tensor
     return dt, b_ssm, c_ssm, channel_matmul(dt_proj_weight, dt)
 
 
-def _channel_minor_output(backend: str, x: Tensor) -> bool:
-    """Whether ``ssm_direction``'s output is channel-minor: where the compiled CPU scan runs,
-    which writes it so (and out_proj reads it so, without a copy); contiguous elsewhere, as
-    the GPU kernels write it. The op and its fake decide here alike."""
+def channel_minor_output(backend: str, x: Tensor) -> bool:
+    """Whether ``ssm_direction`` should answer channel-minor: where the compiled CPU scan
+    runs, which writes it so (and out_proj reads it so, without a copy); contiguous
+    elsewhere, as the GPU kernels write it."""
     return backend == "torch" and x.device.type == "cpu" and compiled_cpu_scan_available()
 
 
 @torch.library.custom_op("mambar::ssm_direction", mutates_args=())
 def ssm_direction(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
                   x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor,
-                  A_log: Tensor, D: Tensor, reverse: bool, backend: str) -> Tensor:
-    """One direction of the mixer, (B, E, L) in x's dtype, laid out as
-    ``_channel_minor_output`` says. ``backend`` is a concrete scan backend
-    (``selective_scan.resolve_backend``)."""
+                  A_log: Tensor, D: Tensor, reverse: bool, backend: str,
+                  channel_minor: bool) -> Tensor:
+    """One direction of the mixer, (B, E, L) in x's dtype: channel-minor with
+    ``channel_minor`` (``channel_minor_output`` says where that saves copies), contiguous
+    otherwise. ``backend`` is a concrete scan backend (``selective_scan.resolve_backend``).
+    The layout is an argument, not decided inside, so that it is part of every traced graph
+    (and of the keys of Inductor's cache)."""
     forward, _ = scan_kernels(backend, x.device)
     conv_forward, _ = conv_kernels(backend, x)
     with without_autocast(x.device):
@@ -165,15 +168,15 @@ def ssm_direction(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor,
         with torch.profiler.record_function(SCAN_RANGE):
             out = forward(u, delta, -torch.exp(A_log.float()), b_ssm, c_ssm, D.float(), z,
                           dt_proj_bias.float(), True, reverse)
-    if _channel_minor_output(backend, x):
+    if channel_minor:
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     return out.contiguous()
 
 
 @ssm_direction.register_fake
 def _(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A_log, D,
-      reverse, backend):
-    if _channel_minor_output(backend, x):
+      reverse, backend, channel_minor):
+    if channel_minor:
         return x.new_empty(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2)
     return x.new_empty(x.shape)
 
@@ -218,12 +221,12 @@ def _(dout, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:9])
-    ctx.flags = inputs[9:]
+    ctx.flags = inputs[9:11]            # reverse, backend
 
 
 def _backward(ctx, dout):
     grads = torch.ops.mambar.ssm_direction_backward(dout, *ctx.saved_tensors, *ctx.flags)
-    return (*grads, None, None)
+    return (*grads, None, None, None)
 
 
 ssm_direction.register_autograd(_backward, setup_context=_setup_context)

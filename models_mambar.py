@@ -28,7 +28,7 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from mixer_ops import channel_matmul, conv_silu, ssm_direction
+from mixer_ops import channel_matmul, channel_minor_output, conv_silu, ssm_direction
 from selective_scan import describe_backends, get_scan, requested_backend, resolve_backend
 
 __all__ = ["MambaR", "VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm",
@@ -151,7 +151,8 @@ class BiMambaMixer(nn.Module):
                                                self.A_log, self.D)
         if backend != "reference":
             return ssm_direction(x, z, conv.weight, conv.bias, x_proj.weight, dt_proj.weight,
-                                 dt_proj.bias, a_log, d, reverse, backend)
+                                 dt_proj.bias, a_log, d, reverse, backend,
+                                 channel_minor_output(backend, x))
         # The same math under plain autograd: the oracle, which keeps u and delta.
         u = conv_silu(x, conv.weight, conv.bias, reverse)                     # (B, E, L)
         x_dbl = channel_matmul(x_proj.weight, u)                              # (B, R + 2N, L)

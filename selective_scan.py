@@ -281,7 +281,10 @@ def _load_cpu_scan() -> Optional[Callable]:
         return None
 
 
+@torch.compiler.assume_constant_result
 def compiled_cpu_scan_available() -> bool:
+    """Whether the compiled CPU scan loads here; a constant to torch.compile, which would
+    otherwise break the graph at the import inside (the model asks while tracing)."""
     return _load_cpu_scan() is not None
 
 

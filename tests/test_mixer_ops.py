@@ -58,7 +58,8 @@ def spec_direction(x, z, p, reverse):
 
 def run_op(xz, params, reverse, backend):
     x, z = split_xz(xz)
-    return mixer_ops.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend)
+    return mixer_ops.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend,
+                                   mixer_ops.channel_minor_output(backend, x))
 
 
 def grads_of(out, xz, params, g):
@@ -136,9 +137,10 @@ def test_op_registration_passes_torch_library_opcheck():
     torch.compile will use them."""
     xz, params = make_direction(dtype=torch.float32)
     x, z = split_xz(xz)
-    for reverse in (False, True):
+    for reverse, channel_minor in ((False, False), (True, False), (False, True)):
         torch.library.opcheck(mixer_ops.ssm_direction,
-                              (x, z, *(params[k] for k in PARAMS), reverse, "torch"))
+                              (x, z, *(params[k] for k in PARAMS), reverse, "torch",
+                               channel_minor))
     with torch.no_grad():
         dout = torch.randn(x.shape)
     torch.library.opcheck(mixer_ops.ssm_direction_backward,
