@@ -484,16 +484,29 @@ def _split(jobs: int, threads: int, unit: int = 1) -> List[Tuple[int, int]]:
 
 
 def _run(kernel, ranges: List[Tuple[int, int]], per_task) -> None:
-    """``kernel(first, last, *per_task(i))`` for every range, on torch's thread count."""
+    """``kernel(first, last, *per_task(i))`` for every range, on torch's thread count: the
+    calling thread and the pool's take the ranges in turn. The caller starts at once rather
+    than waiting for woken workers (a wake-up cost 0.1-0.2 ms per call on our 2-core VM)."""
     threads = min(torch.get_num_threads(), len(ranges))
     if threads <= 1:
         for i, (first, last) in enumerate(ranges):
             kernel(first, last, *per_task(i))
         return
-    futures = [_pool(threads).submit(kernel, first, last, *per_task(i))
-               for i, (first, last) in enumerate(ranges)]
-    for future in futures:
-        future.result()
+    queue = iter(range(len(ranges)))
+    lock = threading.Lock()
+
+    def take_ranges() -> None:
+        while True:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            kernel(*ranges[i], *per_task(i))
+
+    helpers = [_pool(threads - 1).submit(take_ranges) for _ in range(threads - 1)]
+    take_ranges()
+    for helper in helpers:
+        helper.result()
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
