@@ -3,8 +3,8 @@
 # scikit-learn's handwritten digits (1437 train / 360 val images, 10 classes; main.py's
 # embedded DIGITS data set, used when no --data-path is given).
 #
-#   bash scripts/demo.sh          # 4-5 min on 2 AMD EPYC (Zen 4) cores with nothing else
-#                                 # running (4 min 11 s, 406 s of CPU time; see BENCHMARKS.md);
+#   bash scripts/demo.sh          # 3-4 min on 2 AMD EPYC (Zen 4) cores with nothing else
+#                                 # running (3 min 11 s, 311 s of CPU time; see BENCHMARKS.md);
 #                                 # prints the final top-1 (95.8%)
 #
 #   stage  paper (ImageNet)                      here (digits)
