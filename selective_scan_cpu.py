@@ -11,9 +11,9 @@ the GIL, and plain Python threads run them (no second OpenMP runtime next to PyT
 
 The backward keeps nothing from the forward but its inputs: each job re-runs its forward into
 a scratch of (L, N, BLOCK) states and decays (1.7 MB at L = 208, streamed through L2), then
-walks the adjoint recurrence back through it. Sums over channels (dB, dC) and over batch and
-time (dA, dD, d bias) go into per-task buffers that are added up afterwards, so tasks never
-write the same memory.
+walks the adjoint recurrence back through it. Sums over batch and time (dA, dD, d bias) go
+into per-task buffers that are added up afterwards, so tasks never write the same memory; so
+do the sums over channels (dB, dC), unless every task has whole images.
 
 exp and log1p are polynomials (fp32: exp within 1 ulp, softplus within 4) written in plain
 arithmetic and one integer-to-float bitcast, so that they vectorise; libm's are scalar calls.
@@ -518,11 +518,11 @@ def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(t, (0, pad)).contiguous() if pad else t.contiguous()
 
 
-def _padded_bias(bias: Optional[torch.Tensor], dim: int, pad: int, work: torch.dtype
+def _per_channel(vector: Optional[torch.Tensor], dim: int, pad: int, work: torch.dtype
                  ) -> torch.Tensor:
     """A per-channel vector (a bias, D) as the kernels take it: (dim + pad,) in ``work``,
     zeros if absent."""
-    return (_padded(bias.to(work), pad) if bias is not None
+    return (_padded(vector.to(work), pad) if vector is not None
             else torch.zeros(dim + pad, dtype=work))
 
 
@@ -541,7 +541,7 @@ def _operand(t: torch.Tensor) -> Tuple[np.ndarray, bool]:
     return _array(t), False
 
 
-def _channel_minor(batch: int, dim: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+def _empty_channel_minor(batch: int, dim: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (B, E, L) tensor stored as (B, L, E): how the kernels write the
     results that go on to the projections (``mixer_ops.channel_matmul``) and back."""
     return torch.empty(batch, length, dim, dtype=dtype).transpose(1, 2)
@@ -558,13 +558,12 @@ class _Inputs:
         self.batch, self.dim, self.length = u.shape
         self.pad = -self.dim % BLOCK
         self.u, self.delta = u.to(work), delta.to(work)
-        self.bias = _padded_bias(delta_bias, self.dim, self.pad, work)
+        self.bias = _per_channel(delta_bias, self.dim, self.pad, work)
         self.a_t = _padded(A.to(work).t(), self.pad)                          # (N, E + pad)
         self.b_t = B.to(work).transpose(1, 2).contiguous()                    # (B, L, N)
         self.c_t = C.to(work).transpose(1, 2).contiguous()
-        self.d = _padded_bias(D, self.dim, self.pad, work)
-        self.z = (_operand(z.to(work)) if z is not None
-                  else (np.empty((0, 0, 0), _array(self.bias).dtype), False))
+        self.d = _per_channel(D, self.dim, self.pad, work)
+        self.z = _operand(z.to(work) if z is not None else torch.empty(0, 0, 0, dtype=work))
 
     def arrays(self) -> tuple:
         """The kernels' arguments from ``block`` to ``d``."""
@@ -580,7 +579,7 @@ class _Inputs:
 
     def channel_minor_output(self) -> torch.Tensor:
         """A channel-minor (B, E, L) result in the working dtype."""
-        return _channel_minor(self.batch, self.dim, self.length, self.work)
+        return _empty_channel_minor(self.batch, self.dim, self.length, self.work)
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
@@ -604,10 +603,11 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     ranges = _split(x.jobs(), torch.get_num_threads(), unit=blocks)
     # Sums per task, added up below, since tasks share channels; and images, unless every
     # task has whole ones: then dB and dC (per image) go straight into one buffer.
-    whole_images = all(first % blocks == 0 for first, _ in ranges)
-    sums = [x.u.new_zeros(len(ranges), *t.shape) for t in (x.a_t, x.bias, x.bias)]
-    sums[1:1] = [x.u.new_zeros(1 if whole_images else len(ranges), *t.shape)
-                 for t in (x.b_t, x.c_t)]
+    tasks = len(ranges)
+    image_rows = 1 if all(first % blocks == 0 for first, _ in ranges) else tasks
+    sums = [x.u.new_zeros(rows, *t.shape) for rows, t in (
+        (tasks, x.a_t), (image_rows, x.b_t), (image_rows, x.c_t), (tasks, x.bias),
+        (tasks, x.bias))]
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse)) + tuple(
         _operand(t) for t in (dout.to(x.work), du, ddelta, dz))
     per_task = [t.numpy() for t in sums]     # indexed in NumPy: 0.2 us, a tensor slice's .numpy() 3
@@ -626,7 +626,7 @@ def _conv_inputs(x, weight, bias):
     work = _work_dtype(x)
     pad = -x.shape[1] % BLOCK
     w_t = _padded(weight.to(work)[:, 0].t(), pad)
-    return x.to(work), w_t, _padded_bias(bias, x.shape[1], pad, work)
+    return x.to(work), w_t, _per_channel(bias, x.shape[1], pad, work)
 
 
 def conv_silu_forward(x, weight, bias, reverse):
@@ -635,7 +635,7 @@ def conv_silu_forward(x, weight, bias, reverse):
     ``reverse``); as ``mixer_ops.conv_silu``, in one pass instead of oneDNN's conv, a slice
     and a SiLU."""
     xw, w_t, b = _conv_inputs(x, weight, bias)
-    out = _channel_minor(*xw.shape, dtype=xw.dtype)
+    out = _empty_channel_minor(*xw.shape, dtype=xw.dtype)
     arrays = (BLOCK, _operand(xw), _array(w_t), _array(b), bool(reverse), _operand(out))
     jobs = x.shape[0] * w_t.shape[1] // BLOCK
     _run(_conv_silu_jobs, _split(jobs, torch.get_num_threads()), lambda i: arrays)
