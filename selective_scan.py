@@ -480,8 +480,9 @@ def _triton_kernels_module(device: torch.device) -> str:
     the Gluon kernels (``selective_scan_gluon.py``: shared memory, one channel per thread) on
     sm_90+ GPUs where this Triton has Gluon and ``MAMBAR_TRITON_GLUON=1`` asks for them, the
     plain-Triton ones elsewhere. The Gluon kernels were written for Hopper's shared memory and
-    are compiled and checked for sm_90a only; they stay opt-in until their GPU tests
-    (``tests/test_selective_scan_gluon.py``, marked ``gpu``) have passed on a GPU."""
+    are compiled for sm_90a only, and their numbers checked under Triton's interpreter on the
+    CPU; they stay opt-in until ``tests/test_selective_scan_gluon.py`` has passed on a GPU,
+    the one place a race between their threads would show."""
     choice = "selective_scan_triton"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         why = "plain Triton (the Gluon kernels are for sm_90+)"

@@ -1,14 +1,19 @@
 """The Gluon selective scan (selective_scan_gluon.py) against the oracle, and its static counts.
 
-Gluon kernels do not run under Triton's interpreter (it never wraps a Gluon function), so
-their numbers are checked on an sm_90+ GPU only (marked ``gpu``, skipped elsewhere): the
-output and the gradient of every input against ``selective_scan.selective_scan_reference``,
-fp32 and bf16, both directions, the model's strided views, lengths around the backward's
-chunk edges (it keeps a state every 4 or 8 tokens: L = 1, 4, 5, 8, 9, 17, then 208 and 796),
-decays that underflow, the optional inputs, and every autotuning candidate. Without a GPU,
-what can be checked is what the compiler makes of them for sm_90a (scripts/kernel_stats.py):
-every candidate compiles without spills in both directions, and the figures do not regress.
+Its numbers are checked on the CPU under Triton's interpreter, which runs plain Triton but
+never wraps a Gluon function: tests/gluon_interpreter.py runs the Gluon kernels' bodies there
+with layouts, layout conversions, shared memory and barriers given their logical meaning, one
+autotuning candidate per kernel (each candidate in ``test_every_autotuning_candidate``). On an
+sm_90+ GPU the same tests run on the compiled kernels, some at larger sizes. What only a GPU
+can show is a race (a missing barrier) and what a layout does to the threads' share of the
+work; without one, what the compiler makes of every candidate for sm_90a is checked through
+scripts/kernel_stats.py: no spills in either direction, and the figures do not regress.
+
+The shapes cover the backward's chunk edges (it keeps a state every 4 or 8 tokens: L = 1, 4,
+5, 8, 9, 17, then 208, and 796 on a GPU), a partial program of channels (E = 72 at 64 channels
+per program), the model's strided views, decays that underflow and the optional inputs.
 """
+import contextlib
 import os
 import sys
 
@@ -31,8 +36,42 @@ from test_selective_scan_triton import (assert_issue_12_targets,  # noqa: E402
                                         family_reports)
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-on_sm90 = pytest.mark.skipif(not SM90, reason="needs an sm_90+ GPU: Gluon does not run "
-                                              "under Triton's interpreter")
+INTERPRETED = not torch.cuda.is_available()  # conftest.py then sets TRITON_INTERPRET=1
+DEVICE = "cuda" if SM90 else "cpu"
+runs_here = pytest.mark.skipif(not (SM90 or INTERPRETED), reason="Gluon kernels run on sm_90+ "
+                               "GPUs, or on the CPU under the interpreter; this GPU is older")
+gpu_only = pytest.mark.skipif(not SM90, reason="sizes for an sm_90+ GPU (minutes under the "
+                                               "interpreter)")
+if INTERPRETED:
+    from gluon_interpreter import interpreted
+
+# Under the interpreter: 16-token forward chunks and 8-token backward chunks, 64 channels per
+# program (two warps' worth).
+CPU_CONFIGS = {"_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=2),
+               "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=2)}
+
+
+def candidates(configs):
+    """The kernels as they run here with the given candidates: interpreted on the CPU, else
+    the autotuner restricted to them."""
+    if INTERPRETED:
+        return interpreted(ssg, configs)
+    stack = contextlib.ExitStack()
+    for name, config in configs.items():
+        tuner = getattr(ssg, name)
+        saved = (tuner.configs, tuner.cache)
+        tuner.configs, tuner.cache = [config], {}
+        stack.callback(lambda tuner=tuner, saved=saved: setattr(tuner, "configs", saved[0]) or
+                       setattr(tuner, "cache", saved[1]))
+    return stack
+
+
+@pytest.fixture
+def on_device():
+    """Every Gluon call of the test runs here: interpreted on the CPU (one candidate per
+    kernel), the autotuned kernels on an sm_90+ GPU."""
+    with interpreted(ssg, CPU_CONFIGS) if INTERPRETED else contextlib.nullcontext():
+        yield
 
 
 class _GluonScan(torch.autograd.Function):
@@ -55,69 +94,88 @@ def gluon_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     return _GluonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
 
-def check(L, E=200, N=16, batch=2, **kw):
-    # 200 channels: programs of 128 or 64 channels (one per thread), the last one partial.
-    check_against(gluon_scan, selective_scan_reference, batch, E, N, L, device="cuda", **kw)
+def check(L, E=72, N=16, batch=1, **kw):
+    check_against(gluon_scan, selective_scan_reference, batch, E, N, L, device=DEVICE, **kw)
 
 
-@pytest.mark.gpu
-@on_sm90
-class TestGPU:
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
-                             ids=["fp32", "bf16"])
-    @pytest.mark.parametrize("L", [1, 4, 5, 8, 9, 17, 208])
+DTYPES = pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                                 ids=["fp32", "bf16"])
+DIRECTIONS = pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+
+
+@runs_here
+@pytest.mark.usefixtures("on_device")
+class TestNumbers:
+    @DIRECTIONS
+    @DTYPES
+    @pytest.mark.parametrize("L", [1, 4, 5, 8, 9, 17])
     def test_matches_oracle(self, L, dtype, tol, reverse):
         check(L, dtype=dtype, tol=tol, reverse=reverse)
 
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
-                             ids=["fp32", "bf16"])
-    def test_long_sequence(self, dtype, tol, reverse):
-        check(796, E=64, batch=1, dtype=dtype, tol=tol, reverse=reverse)
+    @DIRECTIONS
+    def test_model_length(self, reverse):
+        # 208 tokens (224 px): 13 and 26 chunks, every one of them full.
+        check(208, E=40, reverse=reverse)
 
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
-                             ids=["fp32", "bf16"])
+    @gpu_only
+    @DIRECTIONS
+    @DTYPES
     @pytest.mark.parametrize("L", [17, 208])
-    def test_strided_views(self, L, dtype, tol, reverse):
-        check(L, dtype=dtype, tol=tol, reverse=reverse, strided=True)
+    def test_matches_oracle_at_gpu_sizes(self, L, dtype, tol, reverse):
+        # 200 channels: programs of 128 or 64 channels, the last one partial.
+        check(L, E=200, batch=2, dtype=dtype, tol=tol, reverse=reverse)
+
+    @gpu_only
+    @DIRECTIONS
+    @DTYPES
+    def test_long_sequence(self, dtype, tol, reverse):
+        check(796, E=64, dtype=dtype, tol=tol, reverse=reverse)
+
+    @DIRECTIONS
+    @DTYPES
+    def test_strided_views(self, dtype, tol, reverse):
+        check(17, batch=2, dtype=dtype, tol=tol, reverse=reverse, strided=True)
 
     @pytest.mark.parametrize("N", [4, 6, 32])
     def test_other_state_sizes(self, N):
-        check(37, E=72, N=N, reverse=True)
+        check(13, N=N, reverse=True)
 
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @DIRECTIONS
     @pytest.mark.parametrize("has_D,has_z,has_bias", [
         (False, False, False), (True, False, False), (False, True, True)],
         ids=["none", "D", "z+bias"])
     def test_optional_inputs(self, has_D, has_z, has_bias, reverse):
-        check(23, E=40, reverse=reverse, has_D=has_D, has_z=has_z, has_bias=has_bias)
+        check(11, E=40, reverse=reverse, has_D=has_D, has_z=has_z, has_bias=has_bias)
 
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @DIRECTIONS
     def test_no_softplus(self, reverse):
-        check_no_softplus(gluon_scan, 2, 40, 16, 21, reverse, device="cuda")
+        check_no_softplus(gluon_scan, 1, 40, 16, 21, reverse, device=DEVICE)
 
-    @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+    @DIRECTIONS
     def test_decays_that_underflow(self, reverse):
-        check_decays_that_underflow(gluon_scan, 1, 40, 16, 37, reverse, device="cuda")
+        check_decays_that_underflow(gluon_scan, 1, 40, 16, 37, reverse, device=DEVICE)
 
-    @pytest.mark.parametrize("kernel", ["fwd", "bwd"])
-    def test_every_autotuning_candidate(self, monkeypatch, kernel):
-        # The autotuner runs only the config it picks; the layouts, shared-memory sizes and
-        # cross-warp sums differ between candidates.
-        tuner = {"fwd": ssg._scan_fwd, "bwd": ssg._scan_bwd}[kernel]
-        for config in list(tuner.configs):
-            monkeypatch.setattr(tuner, "configs", [config])
-            monkeypatch.setattr(tuner, "cache", {})
-            for reverse in (False, True):
-                check(70, E=200, dtype=torch.bfloat16, tol=1e-2, reverse=reverse,
-                      strided=True)
 
-    def test_the_backend_choice_runs_gluon(self):
-        import selective_scan as ss
-        forward, backward = ss.scan_kernels("triton", torch.device("cuda"))
-        assert (forward, backward) == (ssg.scan_forward, ssg.scan_backward)
+@runs_here
+@pytest.mark.parametrize("pair", range(3))
+def test_every_autotuning_candidate(pair):
+    # The autotuner runs only the config it picks; the layouts, shared-memory sizes and
+    # cross-warp sums differ between candidates. Forward and backward candidates in pairs:
+    # each check runs both kernels.
+    configs = {"_scan_fwd": ssg._FWD_CONFIGS[pair], "_scan_bwd": ssg._BWD_CONFIGS[pair]}
+    E, L = (200, 70) if SM90 else (72, 21)
+    with candidates(configs):
+        for reverse in (False, True):
+            check(L, E=E, batch=2, dtype=torch.bfloat16, tol=1e-2, reverse=reverse,
+                  strided=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm_90+ GPU")
+def test_the_backend_choice_runs_gluon():
+    import selective_scan as ss
+    forward, backward = ss.scan_kernels("triton", torch.device("cuda"))
+    assert (forward, backward) == (ssg.scan_forward, ssg.scan_backward)
 
 
 def test_the_triton_backend_picks_gluon_on_sm90_only_when_asked(monkeypatch, capsys):
