@@ -31,17 +31,20 @@ Design, and why:
   with their decays exp(delta A), and runs the adjoint back over them with the decays
   reused: two exponentials per state element in the backward (the plain-Triton backward
   also takes two, with its recompute in registers), and no flips, shifts or shuffles.
-* dB and dC are sums over channels: each thread puts its terms (g delta u, h dy) for a chunk
-  in the shared-memory slots of the decays and states it has used up, and after one barrier
-  the program sums them with (token, state) pairs on the lanes and channels in each thread,
-  then adds them to HBM with one fp32 atomic per (batch, state, token) per program.
-* Where this stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a, Triton 3.8): best
-  forward + best backward 9.0 + 30.9 = 39.9 instructions and 3.56 MUFU per state element
-  (the plain-Triton pair: 64.2 and 3.72), no spills; Triton 3.6 compiles the same kernels to
-  9.1 + 31.4 = 40.5, the 8-token backward with 16-28 bytes of spills in three of its four
-  (warps, direction) compiles. Issue 12's 30 and 2.5 are not reached: the backward's pass 1 (an
-  exponential and ~5 instructions per element) exists only because the contract gives the
-  backward no states saved by the forward, and the dB/dC sums cost ~4.
+* dB = sum_e g delta u and dC = sum_e h dy are sums over channels. The adjoint leaves each
+  g in the slot of the decay it has used up, the states stay in theirs, and delta u and dy
+  go to shared memory as (tokens, channels) tiles; after one barrier the program sums the
+  products with (token, state) pairs on the lanes and channels in each thread (fused
+  multiply-adds), then adds them to HBM with one fp32 atomic per (batch, state, token) per
+  program. The products are not formed in the adjoint: two multiplies and a store per state
+  element fewer there, and ~60 fewer live registers in the two-warp backward.
+* Where this stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a): best forward + best
+  backward 9.0 + 30.3 = 39.3 instructions and 3.56 MUFU per state element on Triton 3.8,
+  9.1 + 29.8 = 38.9 on Triton 3.6 (the plain-Triton pair: 64.2 and 3.72), no spills on
+  either. Issue 12's 30 and 2.5 are not reached: the backward's pass 1 (an exponential and ~5
+  instructions per element) exists because the contract gives the backward no states saved
+  by the forward, and saving them densely enough to drop it does not fit the memory budget
+  (BENCHMARKS.md).
 * Triton's interpreter (TRITON_INTERPRET=1) never wraps a Gluon function. The tests run these
   kernels' bodies under it through tests/gluon_interpreter.py, which gives layouts, shared
   memory and barriers their logical meaning: that checks their numbers on the CPU, not the
@@ -340,6 +343,8 @@ def _scan_bwd_kernel(
     # reused: two exponentials per state element in the whole backward.
     decay_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, BLOCK_N], plain)
     h_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E, BLOCK_N], plain)
+    dtu_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E], plain)
+    dy_smem = gl.allocate_shared_memory(gl.float32, [T, BLOCK_E], plain)
     dA_acc = gl.zeros([BLOCK_E, BLOCK_N], gl.float32, layout=state)
     dD_acc = gl.zeros([BLOCK_E], gl.float32, layout=gl.SliceLayout(1, row))
     dbias_acc = gl.zeros([BLOCK_E], gl.float32, layout=gl.SliceLayout(1, row))
@@ -385,11 +390,13 @@ def _scan_bwd_kernel(
                      mask=mask)
             dy = dout * zt * sig
 
+        # dt u and dy of the chunk, tokens by channels, for the sums over channels below.
+        dtu_smem.permute([1, 0]).store(dtu)
+        dy_smem.permute([1, 0]).store(dy)
         gB = gl.zeros([BLOCK_E, T], gl.float32, layout=row)
         h_prev = h
         ghA = gl.zeros([BLOCK_E, T], gl.float32, layout=row)
         for jj in gl.static_range(T):
-            h_cur = h_prev
             if jj == T - 1:  # reloaded (a cache hit) rather than kept live through the chunk
                 h_prev = gl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask & (c > 0),
                                  other=0.0)
@@ -406,13 +413,11 @@ def _scan_bwd_kernel(
                 gl.SliceLayout(1, row)))
             ghA = _put_column(ghA, cols, _col(T - 1 - jj, T, REVERSE), gl.convert_layout(
                 _sum_states(gh, A2, n_s, BLOCK_N), gl.SliceLayout(1, row)))
-            # The token's decay and state are used up: their slots take the token's terms of
-            # dB = sum_e g dt u and dC = sum_e h dy, summed over the channels below.
-            decay_smem.index(_col(T - 1 - jj, T, REVERSE)).store(
-                g * _te(dtu, cols, _col(T - 1 - jj, T, REVERSE), state)[:, None])
-            h_smem.index(_col(T - 1 - jj, T, REVERSE)).store(
-                h_cur * _te(dy, cols, _col(T - 1 - jj, T, REVERSE), state)[:, None])
+            # The token's decay is used up: its slot takes g, for dB = sum_e g dt u below
+            # (dC = sum_e h dy takes the states where they are).
+            decay_smem.index(_col(T - 1 - jj, T, REVERSE)).store(g)
 
+        u = _load_tile(u_base, e, s_u_e, t, s_u_l, mask)  # reloaded: fewer live registers
         ddt = ghA * _LN2 + u * gB
         du = dt * gB
         if HAS_D:
@@ -426,17 +431,20 @@ def _scan_bwd_kernel(
         gl.store(du_ptr + row_off + t[None, :], du, mask=mask)
         gl.store(ddelta_ptr + row_off + t[None, :], ddt, mask=mask)
 
-        _barrier()  # every thread's terms of dB and dC are in shared memory
-        # Their sums over this program's channels, a warp's worth of channels at a time.
+        _barrier()  # every thread's g, h, dt u and dy of the chunk are in shared memory
+        # dB and dC: sums over this program's channels, a warp's worth of channels at a time,
+        # each a chain of fused multiply-adds in one thread.
         tt = t0 + tr
         bc_mask = ((tt >= 0) & (tt < L))[:, None] & (nr < N)[None, :]
         dB = gl.zeros([T, BLOCK_N], gl.float32, layout=gl.SliceLayout(1, reduce3))
         dC = gl.zeros([T, BLOCK_N], gl.float32, layout=gl.SliceLayout(1, reduce3))
-        dB3 = decay_smem._reinterpret(gl.float32, [T, BLOCK_E, BLOCK_N], plain3)
-        dC3 = h_smem._reinterpret(gl.float32, [T, BLOCK_E, BLOCK_N], plain3)
+        g3 = decay_smem._reinterpret(gl.float32, [T, BLOCK_E, BLOCK_N], plain3)
+        h3 = h_smem._reinterpret(gl.float32, [T, BLOCK_E, BLOCK_N], plain3)
         for w in gl.static_range(NW):
-            dB += gl.sum(dB3.slice(w * 32, 32, dim=1).load(reduce3), axis=1)
-            dC += gl.sum(dC3.slice(w * 32, 32, dim=1).load(reduce3), axis=1)
+            dtu_w = dtu_smem.slice(w * 32, 32, dim=1).load(gl.SliceLayout(2, reduce3))
+            dy_w = dy_smem.slice(w * 32, 32, dim=1).load(gl.SliceLayout(2, reduce3))
+            dB += gl.sum(g3.slice(w * 32, 32, dim=1).load(reduce3) * dtu_w[:, :, None], axis=1)
+            dC += gl.sum(h3.slice(w * 32, 32, dim=1).load(reduce3) * dy_w[:, :, None], axis=1)
         gl.atomic_add(dB_ptr + bnl_off + tt[:, None], dB, mask=bc_mask, sem="relaxed")
         gl.atomic_add(dC_ptr + bnl_off + tt[:, None], dC, mask=bc_mask, sem="relaxed")
 

@@ -56,6 +56,9 @@ class SharedMemory:
         window[dim] = slice(start, start + length)
         return SharedMemory(self.array[tuple(window)], self.dtype)
 
+    def permute(self, order):
+        return SharedMemory(self.array.transpose([_index(i) for i in order]), self.dtype)
+
     def _reinterpret(self, dtype, shape, layout):
         assert _value(dtype) == self.dtype, "only same-dtype reinterpretation is modelled"
         shape = [_index(s) for s in shape]
