@@ -467,8 +467,11 @@ def _configs(candidates):
 
 # Every candidate compiles for sm_90a without spills in both directions (scripts/kernel_stats.py;
 # tests/test_selective_scan_gluon.py checks it, at ~9 s of CPU per candidate and direction,
-# whence no more candidates than these). The backward's 16-token chunks spill; its 4-token
-# chunks with 4 warps cost more instructions than with 2 for the same shared memory per warp.
+# whence no more candidates than these). Left out: the forward's 32-token chunks (8.6
+# instructions per element, but 254 registers in reverse); the backward's 16-token chunks
+# (28.8, but 255 registers and 132 KB of shared memory with 2 warps: one program per SM), and
+# its 4-token chunks with 4 warps (more instructions than with 2 for the same shared memory
+# per warp).
 _FWD_CONFIGS = _configs([(16, 4), (8, 4), (16, 2)])
 _BWD_CONFIGS = _configs([(8, 4), (8, 2), (4, 2)])
 _scan_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])(_scan_fwd_kernel)

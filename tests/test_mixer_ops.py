@@ -1,5 +1,7 @@
 """The mixer's custom op (one scan direction: conv, projections, scan) against the spec's math
 under plain autograd, for every scan backend that runs here; what it keeps; its registration."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,13 +78,14 @@ def triton_interpreted() -> bool:
 
 
 # What the ``torch`` backend runs on the CPU (compiled with Numba, or the PyTorch loop without
-# it), mamba-ssm's kernels with the oracle standing in, and the Triton kernels, interpreted.
-IMPLS = ["compiled", "loop", "cuda", "triton"]
+# it), mamba-ssm's kernels with the oracle standing in, and the Triton kernels (plain and
+# Gluon), interpreted.
+IMPLS = ["compiled", "loop", "cuda", "triton", "gluon"]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_op_matches_the_spec_with_every_gradient(monkeypatch, impl, reverse):
+def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl, reverse):
     backend, dtype, tol = "torch", torch.float64, dict(rtol=1e-7, atol=1e-9)
     calls = []
     if impl == "loop":
@@ -97,10 +100,23 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, impl, reverse):
             return fake_causal_conv1d(*args, **kwargs)
         for module in (ss, mixer_ops):
             monkeypatch.setattr(module, "load_causal_conv1d", lambda: conv)
-    elif impl == "triton":
+    elif impl in ("triton", "gluon"):
         if not triton_interpreted():
             pytest.skip("Triton is not running in its interpreter here")
         backend, dtype, tol = "triton", torch.float32, dict(rtol=1e-4, atol=1e-5)
+        if impl == "gluon":
+            pytest.importorskip("triton.experimental.gluon")
+            import triton
+            import selective_scan_gluon
+            from gluon_interpreter import interpreted
+            # The triton backend's choice on an sm_90+ GPU, with one candidate per kernel.
+            monkeypatch.setattr(ss, "_triton_kernels_module",
+                                lambda device: "selective_scan_gluon")
+            stack = contextlib.ExitStack()
+            request.addfinalizer(stack.close)
+            stack.enter_context(interpreted(selective_scan_gluon, {
+                "_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=1),
+                "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=1)}))
     xz, params = make_direction(length=21, dtype=dtype)
     want = spec_direction(*split_xz(xz), params, reverse)
     got = run_op(xz, params, reverse, backend)
