@@ -500,16 +500,23 @@ def _max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+# The autotuned scan kernels of each Triton module, and the prefix their choices are named by.
+_AUTOTUNED = {"selective_scan_triton": ("", ("_scan_fwd_kernel", "_scan_bwd_kernel")),
+              "selective_scan_gluon": ("gluon.", ("_scan_fwd", "_scan_bwd"))}
+
+
 def triton_autotune_choices() -> Dict[str, str]:
-    """The config Triton's autotuner chose for each scan kernel and key (E, N, L and the
-    argument dtypes) in this process so far, including choices read from its disk cache,
-    which it does not print; empty when the Triton scan never ran."""
-    module = sys.modules.get("selective_scan_triton")
-    if module is None:
-        return {}
-    return {f"{name} {key}": str(config)
-            for name in ("_scan_fwd_kernel", "_scan_bwd_kernel")
-            for key, config in getattr(getattr(module, name), "cache", {}).items()}
+    """The config Triton's autotuner chose for each scan kernel (plain Triton, and Gluon's
+    prefixed ``gluon.``) and key (E, N, L and the argument dtypes) in this process so far,
+    including choices read from its disk cache, which it does not print; empty when no
+    Triton scan ran."""
+    choices = {}
+    for module_name, (prefix, names) in _AUTOTUNED.items():
+        module = sys.modules.get(module_name)
+        for name in names if module is not None else ():
+            for key, config in getattr(getattr(module, name), "cache", {}).items():
+                choices[f"{prefix}{name} {key}"] = str(config)
+    return choices
 
 
 def _base_row(cfg: Config) -> Dict[str, Any]:

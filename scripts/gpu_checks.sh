@@ -72,6 +72,8 @@ else
     # One progress line per step, so the two backends' losses compare step by step.
     SMALL_TESTS=(-k "not TestGPU")
     TRAIN_ARGS=(--amp bf16 --input-size 64 --batch-size 128 --print-freq 1)
+    # The scan alone: plain Triton and Gluon (each autotuned at 3 shapes), then the probe.
+    CAP_SCAN_TRITON=90
     CAP_MODEL_TESTS=100; CAP_SCAN=50; CAP_BENCH=140; CAP_SWEEP=110; CAP_SMALL_TESTS=90
     CAP_TRAIN=40; CAP_CUDA_TESTS=75; CAP_BACKENDS=60; CAP_COMPILE=200
     # The least the cuda steps need once the build is done (tests, scan alone, Base step).
@@ -222,8 +224,8 @@ tests tests_triton_gpu "$CAP_MODEL_TESTS" "tests/test_selective_scan_triton.py::
 # whole model on it: MAMBAR_TRITON_GLUON=1 GPU_CHECKS_ONLY="bench_224" bash scripts/gpu_checks.sh
 tests tests_gluon_gpu 120 tests/test_selective_scan_gluon.py
 if [ "$DEVICE" = cuda ]; then
-    step scan_triton "$CAP_SCAN" "$BENCH_TXT" "$PY" scripts/scan_bench.py \
-        --backend triton probe --json "$LOGS/scan_triton.json"
+    step scan_triton "$CAP_SCAN_TRITON" "$BENCH_TXT" "$PY" scripts/scan_bench.py \
+        --backend triton gluon probe --json "$LOGS/scan_triton.json"
 fi
 
 # (b) T/S/B at 224 px, inference and training step, with DeiT of each size and the scan's

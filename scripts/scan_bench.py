@@ -8,6 +8,8 @@ the mixer passes them (u and delta time-minor, z and the output gradient channel
 B and C row slices of the x_proj output). Rows:
 
 - ``triton``: our Triton scan, with the autotuner's choice per kernel;
+- ``gluon``: our Gluon scan (``selective_scan_gluon.py``), likewise, on sm_90+ GPUs whose
+  Triton has Gluon;
 - ``cuda``: mamba-ssm's kernel through our backend (``selective_scan.selective_scan_cuda``:
   its contiguous copies, the flips of the reverse direction and the forward it reruns in the
   backward included), when mamba-ssm is installed;
@@ -141,6 +143,17 @@ def time_probe(batch: int, E: int, N: int, L: int) -> Dict[str, object]:
     return best
 
 
+def gluon_scan() -> Optional[Callable]:
+    """The Gluon scan under autograd, where it runs: an sm_90+ GPU and a Triton with Gluon."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        return None
+    try:
+        from selective_scan_gluon import selective_scan_gluon
+    except (ImportError, AttributeError):  # no triton.experimental.gluon, or an older one
+        return None
+    return selective_scan_gluon
+
+
 def cuda_kernel_scan() -> Optional[Callable]:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -166,6 +179,9 @@ def run(shapes: Sequence[str], backends: Sequence[str]) -> List[Dict[str, object
         plan = []
         if "triton" in backends and ss.triton_available():
             plan += [("triton", ss.get_scan("triton"), inputs, r) for r in (False, True)]
+        gluon = gluon_scan() if "gluon" in backends else None
+        if gluon is not None:
+            plan += [("gluon", gluon, inputs, r) for r in (False, True)]
         if "cuda" in backends and ss.cuda_kernels_available():
             plan += [("cuda", ss.get_scan("cuda"), inputs, r) for r in (False, True)]
             plan.append(("cuda-kernel", cuda_kernel_scan(), contiguous_inputs(inputs), None))
@@ -206,8 +222,8 @@ def format_row(row: Dict[str, object], elements: int) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--backend", nargs="+", choices=("triton", "cuda", "probe"),
-                        default=["triton", "cuda", "probe"])
+    parser.add_argument("--backend", nargs="+", choices=("triton", "gluon", "cuda", "probe"),
+                        default=["triton", "gluon", "cuda", "probe"])
     parser.add_argument("--json", help="write the rows and the autotuner's choices here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -215,11 +215,17 @@ def test_triton_autotune_choices_name_each_kernel_and_key(monkeypatch):
     fake = types.SimpleNamespace(
         _scan_fwd_kernel=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "A"}),
         _scan_bwd_kernel=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "B"}))
+    gluon = types.SimpleNamespace(
+        _scan_fwd=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "C"}),
+        _scan_bwd=types.SimpleNamespace(cache={}))
     monkeypatch.setitem(sys.modules, "selective_scan_triton", fake)
+    monkeypatch.setitem(sys.modules, "selective_scan_gluon", gluon)
     assert benchmark.triton_autotune_choices() == {
         "_scan_fwd_kernel (384, 16, 208, 'torch.bfloat16')": "A",
-        "_scan_bwd_kernel (384, 16, 208, 'torch.bfloat16')": "B"}
+        "_scan_bwd_kernel (384, 16, 208, 'torch.bfloat16')": "B",
+        "gluon._scan_fwd (384, 16, 208, 'torch.bfloat16')": "C"}
     monkeypatch.delitem(sys.modules, "selective_scan_triton")
+    monkeypatch.delitem(sys.modules, "selective_scan_gluon")
     assert benchmark.triton_autotune_choices() == {}
 
 

@@ -74,28 +74,8 @@ def on_device():
         yield
 
 
-class _GluonScan(torch.autograd.Function):
-    """The Gluon pair under autograd, called as the mixer's custom op calls it: the backward
-    gets the inputs and dout, nothing else."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        ctx.flags = (bool(delta_softplus), bool(reverse))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return ssg.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return ssg.scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
-
-
-def gluon_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-               reverse=False):
-    return _GluonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-
-
 def check(L, E=72, N=16, batch=1, **kw):
-    check_against(gluon_scan, selective_scan_reference, batch, E, N, L, device=DEVICE, **kw)
+    check_against(ssg.selective_scan_gluon, selective_scan_reference, batch, E, N, L, device=DEVICE, **kw)
 
 
 DTYPES = pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
@@ -149,11 +129,11 @@ class TestNumbers:
 
     @DIRECTIONS
     def test_no_softplus(self, reverse):
-        check_no_softplus(gluon_scan, 1, 40, 16, 21, reverse, device=DEVICE)
+        check_no_softplus(ssg.selective_scan_gluon, 1, 40, 16, 21, reverse, device=DEVICE)
 
     @DIRECTIONS
     def test_decays_that_underflow(self, reverse):
-        check_decays_that_underflow(gluon_scan, 1, 40, 16, 37, reverse, device=DEVICE)
+        check_decays_that_underflow(ssg.selective_scan_gluon, 1, 40, 16, 37, reverse, device=DEVICE)
 
 
 @runs_here
