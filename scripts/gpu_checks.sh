@@ -29,6 +29,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu_results}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)  # everything but summary.txt, bundled into $OUT/results.tar.gz at the end
+IMAGES=$(mktemp -d)  # the generated image folder of the launcher runs
+WHEELS=$(mktemp -d)  # the CUDA kernels' wheels, carried or built
+trap 'rm -rf "$LOGS" "$IMAGES" "$WHEELS"' EXIT
 PY=${PYTHON:-$(command -v python || command -v python3)}
 BUDGET=${GPU_CHECKS_BUDGET_S:-540}
 SMOKE=${GPU_CHECKS_SMOKE:-0}
@@ -137,7 +140,6 @@ train() {
 # stages NAME BACKEND: the three stages of a size script and its final --eval, launched as
 # the seed launches main.py (python -m torch.distributed.launch --use_env, one process), each
 # stage one epoch over a generated image folder, one progress line per step.
-IMAGES=$(mktemp -d)
 stages() {
     local name=$1 backend=$2 run_dir
     run_dir=$(mktemp -d)
@@ -152,21 +154,7 @@ stages() {
     rm -rf "$run_dir"
 }
 # shellcheck disable=SC2086  # classes, training and validation images per class
-"$PY" - "$IMAGES" $STAGES_IMAGES <<'EOF'
-import os, sys
-import numpy as np
-from PIL import Image
-root, classes, train, val = sys.argv[1], *map(int, sys.argv[2:])
-rng = np.random.default_rng(0)
-for split, count in (("train", train), ("val", val)):
-    for c in range(classes):
-        folder = os.path.join(root, split, f"class_{c:02d}")
-        os.makedirs(folder)
-        mean = np.array([(37 * c) % 256, (91 * c) % 256, (151 * c) % 256])
-        for i in range(count):  # noise around a colour of the class: learnable, not trivial
-            pixels = np.clip(rng.normal(mean, 60, (160, 160, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"), quality=90)
-EOF
+"$PY" scripts/gpu_checks_report.py images "$IMAGES" $STAGES_IMAGES
 
 {
     echo "gpu_checks.sh $(date -Is) on ${HOSTNAME:-?}, smoke=$SMOKE, budget ${BUDGET}s"
@@ -195,7 +183,6 @@ EOF
 # (0) In the background: the authors' CUDA kernels (wheels carried in .cuda_wheels/ are reused;
 # otherwise built from .cuda_src/), and the static instruction counts of the Triton kernels as
 # this machine's Triton compiles them (CPU only, for the issue efficiency of the timings).
-WHEELS=$(mktemp -d)
 BUILD_PID=
 if [ "$SMOKE" != 1 ] && { ls .cuda_src/*.tar.gz || ls .cuda_wheels/*.whl; } > /dev/null 2>&1; then
     cp .cuda_wheels/*.whl "$WHEELS"/ 2> /dev/null
@@ -210,8 +197,11 @@ else
     echo "no .cuda_src/ or .cuda_wheels/ (or smoke run): the cuda backend is not built" \
         >> "$BUILD_LOG"
 fi
-( nice -n 5 timeout 240 "$PY" scripts/kernel_stats.py --reverse both \
-      > "$LOGS/kernel_stats.txt" 2>&1 ) &
+# (In a smoke run, or a run of chosen steps, only when named: "kernel_stats".)
+if { [ -z "$ONLY" ] && [ "$SMOKE" != 1 ]; } || [[ " $ONLY " == *" kernel_stats "* ]]; then
+    ( nice -n 5 timeout 240 "$PY" scripts/kernel_stats.py --reverse both \
+          > "$LOGS/kernel_stats.txt" 2>&1 ) &
+fi
 
 # Steps in order of importance, since a slow one eats into the budget of those after it.
 # (a) The Triton scan at the model's sizes (TestGPU: every autotuning candidate of both
@@ -312,33 +302,7 @@ tests tests_gpu_marked 60 -m gpu --continue-on-collection-errors tests/ \
     grep -E '^\[[0-9]+/[0-9]+\]' "$BENCH_TXT"
     echo
     echo "== targets and scan shares (from the JSON files; full tables in bench.txt)"
-    "$PY" - "$LOGS" <<'EOF'
-import glob, json, os, sys
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
-    try:
-        data = json.load(open(path))
-    except (OSError, ValueError) as err:
-        print(f"{os.path.basename(path)}: unreadable ({err})")
-        continue
-    print(f"{os.path.basename(path)}: {len(data['results'])} rows, "
-          f"{sum('error' in r for r in data['results'])} errors")
-    for t in data["targets"]:
-        print(f"  issue {t['issue']}: {t['name']}: {t['value']} (target {t['target']}) "
-              f"{'PASS' if t['ok'] else 'FAIL'}")
-    for r in data["results"]:
-        for kernel_key, config in r.get("triton_configs", {}).items():
-            print(f"  triton {r['model']} {r['img_size']}px b{r['batch']}: {kernel_key}: "
-                  f"{config}")
-        s = r.get("scan_profile")
-        if s:
-            share = s.get("share")
-            print(f"  scan share {r['model']} {r['backend_resolved']} {r['img_size']}px "
-                  f"b{r['batch']}: {share if share is None else f'{100 * share:.1f}%'} "
-                  f"({s['basis']}; u, delta redone: {s.get('recompute_ms', 0):.2f} ms/step), "
-                  f"by kernel name: {s.get('share_by_kernel_name')}")
-            for name, ms, launches in s.get("top_kernels", []):
-                print(f"    {ms:8.3f} ms/step {launches:6d}x  {name}")
-EOF
+    "$PY" scripts/gpu_checks_report.py summary "$LOGS"
     echo
     echo "== Triton autotuning as printed when tuned (the JSON lines above also list choices"
     echo "   read from Triton's disk cache): kernel, key (E, N, L, dtypes), chosen config"

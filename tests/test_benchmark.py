@@ -33,7 +33,7 @@ def check_row(row):
 
 
 def test_cli_tiny_infer_and_train_with_deit(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench_tiny.json"
     proc = subprocess.run([sys.executable, "benchmark.py", *TINY, "--mode", "both",
                            "--in-process", "--scan-share", "--profile-steps", "1",
                            "--json", str(out)],
@@ -56,6 +56,14 @@ def test_cli_tiny_infer_and_train_with_deit(tmp_path):
     # u and delta, redone inside the scan's backward node, are counted apart from the scan.
     assert 0 < profile["recompute_ms"] < profile["scan_ms"]
     assert "u, delta redone ms" in proc.stdout
+    # The GPU run's summary reads these files: what it says of this one.
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    from gpu_checks_report import summarise
+    lines = summarise(str(tmp_path))
+    assert lines[0] == "bench_tiny.json: 4 rows, 0 errors"
+    share = [line for line in lines if line.startswith("  scan share ")]
+    assert share[0].startswith("  scan share mambar_tiny_patch16_224 torch 32px b2: "
+                               f"{100 * profile['share']:.1f}% ")
 
 
 @pytest.mark.slow
