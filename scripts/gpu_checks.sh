@@ -313,11 +313,13 @@ tests tests_gpu_marked 60 -m gpu --continue-on-collection-errors tests/ \
     echo "== main.py (launcher runs): throughput and loss lines"
     grep -E '^### |Averaged stats|Epoch: \[0\] +\[|Acc@1' "$TRAIN_LOG" | cut -c1-160 | tail -40
     grep -E 'Error|error:' "$TRAIN_LOG" | tail -3
+    "$PY" scripts/gpu_checks_report.py losses "$TRAIN_LOG" train_cuda train_triton
     echo
     echo "== the size script's stages through the seed's launcher (per backend: the stage"
     echo "   headers, each step's loss, the evaluations)"
     grep -E '^### |^# stage|^# eval|Epoch: \[0\] +\[|Acc@1|^error' "$STAGES_LOG" \
         | sed -E 's/  eta: [0-9:]+//; s/  time: .*//' | cut -c1-120 | tail -150
+    "$PY" scripts/gpu_checks_report.py losses "$STAGES_LOG" stages_cuda stages_triton
     echo
     echo "== build of the CUDA kernels (build.log, last lines)"
     tail -5 "$BUILD_LOG"

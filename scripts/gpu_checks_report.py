@@ -1,16 +1,19 @@
-"""The two parts of scripts/gpu_checks.sh written in Python, kept here so the CPU tests can run
-them: the generated image folder its launcher runs train on, and the figures its summary
-reads out of the benchmark JSON files.
+"""The parts of scripts/gpu_checks.sh written in Python, kept here so the CPU tests can run
+them: the generated image folder its launcher runs train on, the figures its summary reads
+out of the benchmark JSON files, and the comparison of two backends' loss curves.
 
     python scripts/gpu_checks_report.py images ROOT CLASSES TRAIN VAL
     python scripts/gpu_checks_report.py summary LOGS
+    python scripts/gpu_checks_report.py losses LOG RUN RUN
 """
 import argparse
 import glob
 import json
+import math
 import os
+import re
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -68,6 +71,58 @@ def summarise(logs: str) -> List[str]:
     return lines
 
 
+# A progress line of main.py (engine.py through utils.log_every): its epoch, its step, and the
+# loss as printed (the median of the last steps, then the epoch's mean in brackets).
+_PROGRESS = re.compile(r"^Epoch: \[(\d+)\]\s+\[\s*(\d+)/\d+\].*?\bloss: (\S+) ")
+Step = Tuple[str, int, int]  # (stage header or "", epoch, step)
+
+
+def loss_curves(log: str) -> Dict[str, Dict[Step, float]]:
+    """The losses of each run in a gpu_checks.sh log, by run (the step name of its ``###``
+    header) and (stage, epoch, step); stages are the size script's ``# stage`` headers."""
+    curves: Dict[str, Dict[Step, float]] = {}
+    run, stage = None, ""
+    for line in log.splitlines():
+        if line.startswith("### "):
+            run, stage = line[4:].split(" ")[0], ""
+            curves.setdefault(run, {})
+        elif line.startswith("# stage "):
+            stage = line[2:].split(":")[0]
+        elif run is not None:
+            match = _PROGRESS.match(line)
+            if match:
+                epoch, step, loss = match.groups()
+                curves[run][(stage, int(epoch), int(step))] = float(loss)
+    return curves
+
+
+def compare_losses(log: str, run_a: str, run_b: str, tolerance: float = 0.05) -> str:
+    """One line: do two runs' loss curves agree step for step, each difference within
+    ``tolerance`` of the loss (bf16 runs of the same seed and data differ by rounding only)?"""
+    curves = loss_curves(log)
+    missing = [run for run in (run_a, run_b) if not curves.get(run)]
+    if missing:
+        return f"loss curves {run_a} vs {run_b}: no loss lines for {', '.join(missing)}"
+    a, b = curves[run_a], curves[run_b]
+    common = sorted(set(a) & set(b))
+    if not common:
+        return f"loss curves {run_a} vs {run_b}: no step in common"
+    worst = max(common, key=lambda k: _relative(a[k], b[k]))
+    rel = _relative(a[worst], b[worst])
+    stage, epoch, step = worst
+    where = f"{stage + ', ' if stage else ''}epoch {epoch} step {step}"
+    return (f"loss curves {run_a} vs {run_b}: {len(common)} steps in common "
+            f"({len(a)} and {len(b)} logged), largest difference {100 * rel:.2f}% of the loss "
+            f"({a[worst]} against {b[worst]}, {where}): "
+            f"{'PASS' if rel <= tolerance else 'FAIL'} (within {100 * tolerance:g}%)")
+
+
+def _relative(x: float, y: float) -> float:
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return 0.0 if x == y else math.inf
+    return abs(x - y) / max(abs(x), abs(y), 1e-12)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,13 +132,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         images.add_argument(name, type=int)
     summary = commands.add_parser("summary", help="print the figures of the benchmark JSONs")
     summary.add_argument("logs")
+    losses = commands.add_parser("losses", help="compare two runs' loss curves in a log")
+    losses.add_argument("log")
+    losses.add_argument("runs", nargs=2)
     args = parser.parse_args(argv)
     if args.command == "images":
         if min(args.classes, args.train, args.val) < 1:
             parser.error("classes, train and val must be at least 1")
         make_image_folder(args.root, args.classes, args.train, args.val)
-    else:
+    elif args.command == "summary":
         print("\n".join(summarise(args.logs)))
+    else:
+        with open(args.log) as f:
+            print(compare_losses(f.read(), *args.runs))
     return 0
 
 

@@ -70,6 +70,39 @@ def test_summary_reads_targets_choices_and_scan_shares(tmp_path):
     ]
 
 
+def progress(step, loss, total=3):
+    return (f"Epoch: [0]  [{step}/{total}]  eta: 0:00:01  lr: 0.000001  loss: {loss} "
+            f"({loss})  time: 0.1000  data: 0.0100")
+
+
+def test_loss_curves_of_two_backends_compared_step_for_step():
+    log = "\n".join([
+        "### stages_cuda (limit 120s): env MAMBAR_SCAN_BACKEND=cuda bash scripts/x.sh",
+        "# stage 1/3 pt: 128 px, 300 epochs", progress(0, 6.9080), progress(1, 6.9010),
+        "* Acc@1 0.000 Acc@5 10.000 loss 6.901",
+        "# stage 2/3 mid: 224 px, 100 epochs", progress(0, 6.8500),
+        "### stages_triton (limit 120s): env MAMBAR_SCAN_BACKEND=triton bash scripts/x.sh",
+        "# stage 1/3 pt: 128 px, 300 epochs", progress(0, 6.9080), progress(1, 6.9150),
+        "# stage 2/3 mid: 224 px, 100 epochs", progress(0, 6.8400), progress(1, 6.8000)])
+    assert report.loss_curves(log) == {
+        "stages_cuda": {("stage 1/3 pt", 0, 0): 6.908, ("stage 1/3 pt", 0, 1): 6.901,
+                        ("stage 2/3 mid", 0, 0): 6.85},
+        "stages_triton": {("stage 1/3 pt", 0, 0): 6.908, ("stage 1/3 pt", 0, 1): 6.915,
+                          ("stage 2/3 mid", 0, 0): 6.84, ("stage 2/3 mid", 0, 1): 6.8}}
+    # Largest: |6.901 - 6.915| / 6.915 = 0.20% (stage 2's first step: 0.15%).
+    assert report.compare_losses(log, "stages_cuda", "stages_triton") == (
+        "loss curves stages_cuda vs stages_triton: 3 steps in common (3 and 4 logged), "
+        "largest difference 0.20% of the loss (6.901 against 6.915, stage 1/3 pt, epoch 0 "
+        "step 1): PASS (within 5%)")
+    assert report.compare_losses(log, "stages_cuda", "stages_triton", tolerance=0.001).endswith(
+        "FAIL (within 0.1%)")
+    assert report.compare_losses(log, "train_cuda", "stages_triton") == (
+        "loss curves train_cuda vs stages_triton: no loss lines for train_cuda")
+    diverged = log.replace(progress(1, 6.9150), progress(1, "nan"))
+    assert report.compare_losses(diverged, "stages_cuda", "stages_triton").endswith(
+        "(6.901 against nan, stage 1/3 pt, epoch 0 step 1): FAIL (within 5%)")
+
+
 def test_script_reports_every_step_it_had_no_time_for(tmp_path):
     """A 10-second budget: every step is skipped with the time that was left, the cuda steps
     with the reason, and the run still ends with its summary and its bundle of logs."""
@@ -122,3 +155,5 @@ def test_script_runs_a_size_scripts_stages_through_the_seed_launcher(tmp_path):
         assert sum(line.startswith("Epoch: [0]  [") for line in part.splitlines()) == 4
         assert "* Acc@1" in part
     assert "* Acc@1" in stages.split("# eval of the final checkpoint")[1]
+    # The cuda backend did not run here: nothing to compare its losses with.
+    assert "loss curves stages_cuda vs stages_triton: no loss lines for stages_cuda" in summary
