@@ -39,8 +39,8 @@ Design, and why:
   program. The products are not formed in the adjoint: two multiplies and a store per state
   element fewer there, and ~60 fewer live registers in the two-warp backward.
 * Where this stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a): best forward + best
-  backward 9.0 + 30.3 = 39.3 instructions and 3.56 MUFU per state element on Triton 3.8,
-  9.1 + 29.8 = 38.9 on Triton 3.6 (the plain-Triton pair: 64.2 and 3.72), no spills on
+  backward 8.5 + 29.9 = 38.4 instructions and 3.56 MUFU per state element on Triton 3.8,
+  8.6 + 29.3 = 37.9 on Triton 3.6 (the plain-Triton pair: 64.2 and 3.72), no spills on
   either. Issue 12's 30 and 2.5 are not reached: the backward's pass 1 (an exponential and ~5
   instructions per element) exists because the contract gives the backward no states saved
   by the forward, and saving them densely enough to drop it does not fit the memory budget
@@ -111,12 +111,21 @@ def _min(a, b):
 
 
 @gluon.jit
+def _rcp(x):
+    """1 / x as one MUFU.RCP (rcp.approx, within 1 ulp) for x in [1, inf]: ``/`` compiles to
+    div.full, the same instruction with a range test and two conditional scalings around it,
+    which these denominators never need."""
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                     dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), the log1p as 2 atanh(s) with
     s = e / (2 + e) <= 1/3: an odd series whose terms past s^11 are below fp32's rounding
     (the same formula as selective_scan_triton._softplus)."""
     e = gl.exp2(-gl.abs(x) * _LOG2E)
-    s = e / (2.0 + e)
+    s = e * _rcp(2.0 + e)
     s2 = s * s
     series = s2 * (1.0 / 11.0) + 1.0 / 9.0
     series = series * s2 + 1.0 / 7.0
@@ -128,7 +137,7 @@ def _softplus(x):
 
 @gluon.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + gl.exp2(-x * _LOG2E))
+    return _rcp(1.0 + gl.exp2(-x * _LOG2E))
 
 
 @gluon.jit

@@ -12,6 +12,8 @@ running its body with those operations given their logical meaning:
   element order: the kernels here use row-major shared layouts only) as views of it;
 * a barrier does nothing: a program runs as one sequence of whole-block operations, so every
   write is seen by every later read.
+* inline PTX is looked up by its text in ``_ASM``, which says what it computes (within the
+  instruction's stated error).
 
 What this cannot check, and only a GPU can: a missing barrier (a race), and anything that
 depends on how a layout splits a tensor between threads (it compiles or not: see
@@ -77,6 +79,10 @@ class SharedMemory:
         self.array[...] = data
 
 
+# Inline PTX the kernels use, by its text: what each instruction computes, in NumPy.
+_ASM = {"rcp.approx.ftz.f32 $0, $1;": lambda x: np.float32(1) / x}
+
+
 class _Language(types.SimpleNamespace):
     """``gl`` inside an interpreted kernel: plain Triton's (interpreter-patched) operations,
     looked up at call time, with Gluon's layout and shared-memory operations given their
@@ -112,6 +118,17 @@ class _Language(types.SimpleNamespace):
         dtype = _value(element_ty)
         return SharedMemory(np.zeros([_index(s) for s in shape],
                                      dtype=interp._get_np_dtype(dtype)), dtype)
+
+    @staticmethod
+    def inline_asm_elementwise(asm, constraints, args, dtype, is_pure, pack):
+        if asm not in _ASM:
+            raise NotImplementedError(f"no NumPy meaning for the inline PTX {asm!r}")
+        dtype = _value(dtype)
+        with np.errstate(divide="ignore", over="ignore"):
+            data = _ASM[asm](*(a.handle.data for a in args)).astype(
+                interp._get_np_dtype(dtype))
+        return tl.core.tensor(interp.TensorHandle(data, dtype), args[0].type.with_element_ty(
+            dtype) if args[0].type.is_block() else dtype)
 
     @staticmethod
     def barrier():

@@ -205,7 +205,7 @@ def test_every_candidate_compiles_for_h100_without_spills(gluon_reports):
 
 # What the Gluon kernels reached on Triton 3.8 (best forward + best backward candidate at the
 # Base call, sm_90a): a ratchet, so a change that makes them cost more fails here.
-REACHED = {"3.8": 39.4, "3.6": 39.0}
+REACHED = {"3.8": 38.5, "3.6": 38.0}
 REACHED_MUFU = 3.6
 
 
