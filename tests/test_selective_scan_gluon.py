@@ -59,11 +59,13 @@ def candidates(configs):
     stack = contextlib.ExitStack()
     for name, config in configs.items():
         tuner = getattr(ssg, name)
-        saved = (tuner.configs, tuner.cache)
+        stack.callback(_restore, tuner, tuner.configs, tuner.cache)
         tuner.configs, tuner.cache = [config], {}
-        stack.callback(lambda tuner=tuner, saved=saved: setattr(tuner, "configs", saved[0]) or
-                       setattr(tuner, "cache", saved[1]))
     return stack
+
+
+def _restore(tuner, configs, cache):
+    tuner.configs, tuner.cache = configs, cache
 
 
 @pytest.fixture
