@@ -1,6 +1,6 @@
 """Compile the Triton scan kernels for an H100 on a machine without a GPU, and print what
-the compiler made of each autotuning candidate: registers, spills, and SASS instruction
-counts per state element.
+the compiler made of each autotuning candidate: registers, spills, shared memory, the warps
+an SM can hold, and SASS instruction counts per state element.
 
     python scripts/kernel_stats.py                 # every candidate, both kernels, both families
     python scripts/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
@@ -24,6 +24,10 @@ both (any forward pairs with any backward: each backward needs only the scan's i
 figure issue 12 sets targets for, with their MUFU (exponential, reciprocal) instructions per
 element. A kernel that is
 issue-bound runs in roughly (per element) x batch x E x N x L / (32 x warp issue rate).
+"warps/SM" is how many of the kernel's warps one SM holds at once (its programs limited by
+registers, shared memory and 32 programs per SM; sm_90: 64K registers allocated per warp in
+blocks of 256, 228 KB of shared memory with 1 KB reserved per program, 64 warps): the
+latency the scheduler can hide, which the instruction count does not show.
 """
 from __future__ import annotations
 
@@ -53,6 +57,21 @@ except ImportError:
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 E, N, L, R = 1536, 16, 208, 48  # Mamba-B: channels, states, tokens at 224 px, dt rank
+# sm_90 per SM: registers, shared memory, shared memory the runtime reserves per program,
+# the most shared memory one program may use, programs and warps.
+SM_REGISTERS, SM_SHARED, SHARED_RESERVED, SHARED_PER_PROGRAM = 65536, 233472, 1024, 232448
+SM_PROGRAMS, SM_WARPS = 32, 64
+
+
+def warps_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Warps of one kernel an sm_90 SM holds at once (0: the program does not fit)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    if shared > SHARED_PER_PROGRAM or per_warp * num_warps > SM_REGISTERS:
+        return 0
+    programs = min(SM_REGISTERS // (per_warp * num_warps),
+                   SM_SHARED // (shared + SHARED_RESERVED), SM_PROGRAMS,
+                   SM_WARPS // num_warps)
+    return programs * num_warps
 
 
 def _model_call() -> dict:
@@ -137,10 +156,13 @@ def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "tr
     lanes = min(kw["N_LANES"], FLAGS["BLOCK_N"])
     channels_per_thread = kw["BLOCK_E"] / (32 // lanes * warps)
     elements = kw["BLOCK_L"] * (FLAGS["BLOCK_N"] / lanes) * channels_per_thread
+    registers = _number(r"Used (\d+) registers", log, "register count")
+    shared = kernel.metadata.shared
     return dict(kernel=jit.__name__, family=family, N_LANES=kw["N_LANES"], num_warps=warps,
                 BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
                 BLOCK_E=kw["BLOCK_E"], reverse=reverse, elements=elements,
-                registers=_number(r"Used (\d+) registers", log, "register count"),
+                registers=registers, shared=shared,
+                warps_per_sm=warps_per_sm(registers, shared, warps),
                 spill_stores=_number(r"(\d+) bytes spill stores", log, "spill stores"),
                 spill_loads=_number(r"(\d+) bytes spill loads", log, "spill loads"),
                 instructions=instructions, per_element=round(instructions / elements, 1),
@@ -217,7 +239,8 @@ def main() -> int:
     if not args.json:
         print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px; "
               f"config = state lanes, warps, BLOCK_L, channels per thread (as --config takes)")
-        print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'instr':>7}"
+        print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'smem KB':>8}"
+              f"{'warps/SM':>9}{'instr':>7}"
               f"{'/elem':>7}{'MUFU/e':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
     reports = []
     for family in families:
@@ -239,6 +262,7 @@ def main() -> int:
                            f"{s['channels_per_thread']:g}")
                     print(f"{label:<7}{cfg:<12}{'yes' if reverse else 'no':<5}"
                           f"{s['registers']:>5}{s['spill_stores']:>5}/{s['spill_loads']:<4}"
+                          f"{s['shared'] / 1024:>8.1f}{s['warps_per_sm']:>9}"
                           f"{s['instructions']:>7}{s['per_element']:>7}"
                           f"{s['mufu_per_element']:>7}  "
                           + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)

@@ -352,6 +352,29 @@ def test_every_candidate_compiles_for_h100_without_spills(stats_reports):
         # Issue 12: no candidate the autotuner may pick spills, in either direction.
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
         assert report["instructions"] > 300 and report["ops"]["MUFU"] > 0, report
+        # It fits an SM with a warp for each of its four schedulers at least.
+        assert report["warps_per_sm"] >= 4, report
+
+
+def test_warps_per_sm():
+    cases = [  # registers, shared memory, warps per program: warps an SM holds
+        ((150, 2048, 4), 12),    # registers: 19 x 256 per warp, 3 programs of 4 warps
+        ((170, 1024, 4), 8),     # 5440 registers a warp, allocated as 22 x 256: 2 programs
+        ((64, 1024, 1), 32),     # 32 programs per SM at most
+        ((32, 1024, 4), 64),     # 64 warps per SM at most
+        ((188, 71680, 2), 6),    # shared memory: 233472 // (71680 + 1024) = 3 programs
+        ((255, 141312, 4), 4),   # one program
+        ((64, 240000, 1), 0),    # more shared memory than a program may have
+    ]
+    # In a process of its own: kernel_stats sets Triton up to compile, not to interpret.
+    done = subprocess.run(
+        [sys.executable, "-c", "import json, sys, kernel_stats; print(json.dumps(["
+         "kernel_stats.warps_per_sm(*args) for args in json.loads(sys.argv[1])]))",
+         json.dumps([args for args, _ in cases])],
+        cwd=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "scripts"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [expected for _, expected in cases]
 
 
 # What the kernels reached on Triton 3.8 (best forward + best backward candidate at the
