@@ -53,12 +53,11 @@ Design, and why:
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from selective_scan_triton import boundary_slots, launch_backward, launch_forward
+from selective_scan_triton import KernelScan, boundary_slots, launch_backward, launch_forward
 
 # Triton 3.6 (the GPU image) calls the CTA-wide barrier thread_barrier; 3.8 renamed it.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -520,23 +519,9 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
                            dout, delta_softplus, reverse)
 
 
-class _SelectiveScanGluon(torch.autograd.Function):
-    """Keeps only its inputs for the backward, as the mixer's custom op does."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        ctx.flags = (bool(delta_softplus), bool(reverse))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
-
-
 def selective_scan_gluon(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=True, reverse=False):
     """Selective scan with the Gluon forward/backward kernels, under autograd (the scan
     benchmark and the tests call it; the model reaches the kernels through mixer_ops)."""
-    return _SelectiveScanGluon.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                     reverse)
+    return KernelScan.apply((scan_forward, scan_backward), u, delta, A, B, C, D, z, delta_bias,
+                            delta_softplus, reverse)

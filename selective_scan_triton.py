@@ -518,22 +518,24 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
                            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
 
 
-class _SelectiveScanTriton(torch.autograd.Function):
-    """Keeps only its inputs for the backward, whose kernel recomputes what it needs."""
+class KernelScan(torch.autograd.Function):
+    """A (forward, backward) pair of scan kernels under autograd (this module's, or
+    ``selective_scan_gluon``'s): keeps only the inputs for the backward, whose kernel
+    recomputes what it needs."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        ctx.flags = (bool(delta_softplus), bool(reverse))
+    def forward(ctx, kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
+        ctx.backward_kernel, ctx.flags = kernels[1], (bool(delta_softplus), bool(reverse))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        return kernels[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
 
     @staticmethod
     def backward(ctx, dout):
-        return scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
+        return (None, *ctx.backward_kernel(*ctx.saved_tensors, dout, *ctx.flags), None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=True, reverse=False):
     """Selective scan with fused Triton forward/backward kernels (see module docstring)."""
-    return _SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                      reverse)
+    return KernelScan.apply((scan_forward, scan_backward), u, delta, A, B, C, D, z, delta_bias,
+                            delta_softplus, reverse)

@@ -103,16 +103,22 @@ def test_loss_curves_of_two_backends_compared_step_for_step():
         "(6.901 against nan, stage 1/3 pt, epoch 0 step 1): FAIL (within 5%)")
 
 
+def run_smoke(tmp_path, **env) -> str:
+    """gpu_checks.sh's flow on the CPU (tiny sizes) with ``env`` set, its output and scratch
+    under ``tmp_path``; the summary it wrote."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECKS_SMOKE="1",
+               PYTHON=sys.executable, TMPDIR=str(tmp_path), **env)
+    done = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return (tmp_path / "out" / "summary.txt").read_text()
+
+
 def test_script_reports_every_step_it_had_no_time_for(tmp_path):
     """A 10-second budget: every step is skipped with the time that was left, the cuda steps
     with the reason, and the run still ends with its summary and its bundle of logs."""
+    summary = run_smoke(tmp_path, GPU_CHECKS_BUDGET_S="10")
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), GPU_CHECKS_SMOKE="1", GPU_CHECKS_BUDGET_S="10",
-               PYTHON=sys.executable, TMPDIR=str(tmp_path))
-    done = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = (out / "summary.txt").read_text()
     for name in ("tests_triton_gpu", "tests_gluon_gpu", "bench_224", "train_triton",
                  "stages_triton", "bench_sweep", "bench_compile", "tests_triton_small",
                  "tests_gpu_marked"):
@@ -136,13 +142,7 @@ def test_script_runs_a_size_scripts_stages_through_the_seed_launcher(tmp_path):
     and its --eval, launched as the seed launches main.py (``python -m
     torch.distributed.launch --use_env``) on the generated image folder, each step's loss
     and each evaluation in the summary."""
-    out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), GPU_CHECKS_SMOKE="1", GPU_CHECKS_ONLY="stages_triton",
-               PYTHON=sys.executable, TMPDIR=str(tmp_path))
-    done = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = (out / "summary.txt").read_text()
+    summary = run_smoke(tmp_path, GPU_CHECKS_ONLY="stages_triton")
     step = [line for line in summary.splitlines() if line.startswith("stages_triton")]
     assert len(step) == 1 and "rc=0" in step[0], summary
     assert "tests_triton_gpu" not in summary  # GPU_CHECKS_ONLY ran that step alone
