@@ -8,10 +8,11 @@ computes, only how its threads share the work, so a Gluon kernel's numbers can b
 running its body with those operations given their logical meaning:
 
 * a layout argument is dropped, and ``convert_layout`` returns its input;
-* shared memory is a NumPy array per allocation, indexed, sliced and reinterpreted (same
-  element order: the kernels here use row-major shared layouts only) as views of it;
+* shared memory is a NumPy array per allocation; indexing, slicing, permuting and
+  reinterpreting it give views (reinterpreting keeps the element order: the kernels here use
+  row-major shared layouts only);
 * a barrier does nothing: a program runs as one sequence of whole-block operations, so every
-  write is seen by every later read.
+  write is seen by every later read;
 * inline PTX is looked up by its text in ``_ASM``, which says what it computes (within the
   instruction's stated error).
 
