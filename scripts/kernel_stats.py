@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
+import multiprocessing as mp
 import os
 import re
 import subprocess
@@ -188,6 +190,16 @@ def best_pair(reports: list, family: str = None) -> dict:
                 mufu_per_element=round(fwd["mufu_per_element"] + bwd["mufu_per_element"], 2))
 
 
+def _job(job: tuple) -> tuple:
+    """compile_stats for (family, kernel name, config, reverse) in a worker process: the
+    report, or the error that stopped it."""
+    family, name, config, reverse = job
+    try:
+        return compile_stats(KERNELS[family][name], config, reverse, family), None
+    except StatsError as err:
+        return None, str(err)
+
+
 def parse_config(text: str) -> triton.Config:
     """'lanes,warps,block_l[,channels per thread]' -> a config like the autotuner's."""
     try:
@@ -242,30 +254,30 @@ def main() -> int:
         print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'smem KB':>8}"
               f"{'warps/SM':>9}{'instr':>7}"
               f"{'/elem':>7}{'MUFU/e':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
+    jobs = [(family, name, config, reverse) for family in families for name in names
+            for config in args.config or KERNELS[family][name].configs
+            for reverse in directions]
     reports = []
-    for family in families:
-        for name in names:
-            tuner = KERNELS[family][name]
+    # One compile per core (ptxas and Triton's passes are single-threaded), printed in order.
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1),
+                                                mp_context=mp.get_context("fork")) as pool:
+        for (family, name, config, reverse), (s, error) in zip(jobs, pool.map(_job, jobs)):
+            if error:
+                print(f"error: {family} {name} {config}: {error}", file=sys.stderr)
+                return 1
+            reports.append(s)
+            if args.json:
+                print(json.dumps(s), flush=True)
+                continue
             label = name if family == "triton" else f"g.{name}"
-            for config in args.config or tuner.configs:
-                for reverse in directions:
-                    try:
-                        s = compile_stats(tuner, config, reverse, family)
-                    except StatsError as err:
-                        print(f"error: {family} {name} {config}: {err}", file=sys.stderr)
-                        return 1
-                    reports.append(s)
-                    if args.json:
-                        print(json.dumps(s), flush=True)
-                        continue
-                    cfg = (f"{s['N_LANES']},{s['num_warps']},{s['BLOCK_L']},"
-                           f"{s['channels_per_thread']:g}")
-                    print(f"{label:<7}{cfg:<12}{'yes' if reverse else 'no':<5}"
-                          f"{s['registers']:>5}{s['spill_stores']:>5}/{s['spill_loads']:<4}"
-                          f"{s['shared'] / 1024:>8.1f}{s['warps_per_sm']:>9}"
-                          f"{s['instructions']:>7}{s['per_element']:>7}"
-                          f"{s['mufu_per_element']:>7}  "
-                          + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)
+            cfg = (f"{s['N_LANES']},{s['num_warps']},{s['BLOCK_L']},"
+                   f"{s['channels_per_thread']:g}")
+            print(f"{label:<7}{cfg:<12}{'yes' if reverse else 'no':<5}"
+                  f"{s['registers']:>5}{s['spill_stores']:>5}/{s['spill_loads']:<4}"
+                  f"{s['shared'] / 1024:>8.1f}{s['warps_per_sm']:>9}"
+                  f"{s['instructions']:>7}{s['per_element']:>7}"
+                  f"{s['mufu_per_element']:>7}  "
+                  + " ".join(f"{s['ops'][op]:>5}" for op in SHOWN_OPS), flush=True)
     if not args.json and len(names) == 2 and False in directions:
         for family in families + (("any",) if len(families) > 1 else ()):
             pair = best_pair(reports, None if family == "any" else family)
