@@ -77,7 +77,8 @@ def on_device():
 
 
 def check(L, E=72, N=16, batch=1, **kw):
-    check_against(ssg.selective_scan_gluon, selective_scan_reference, batch, E, N, L, device=DEVICE, **kw)
+    check_against(ssg.selective_scan_gluon, selective_scan_reference, batch, E, N, L,
+                  device=DEVICE, **kw)
 
 
 DTYPES = pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
