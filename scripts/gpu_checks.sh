@@ -212,7 +212,7 @@ tests tests_triton_gpu "$CAP_MODEL_TESTS" "tests/test_selective_scan_triton.py::
 # both directions, chunk edges, every autotuning candidate). On the CPU these tests run the
 # kernels under the interpreter, which cannot show a race between threads: this step can. The
 # whole model on it: MAMBAR_TRITON_GLUON=1 GPU_CHECKS_ONLY="bench_224" bash scripts/gpu_checks.sh
-tests tests_gluon_gpu 120 tests/test_selective_scan_gluon.py
+tests tests_gluon_gpu 180 tests/test_selective_scan_gluon.py
 if [ "$DEVICE" = cuda ]; then
     step scan_triton "$CAP_SCAN_TRITON" "$BENCH_TXT" "$PY" scripts/scan_bench.py \
         --backend triton gluon probe --json "$LOGS/scan_triton.json"

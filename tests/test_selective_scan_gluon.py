@@ -45,10 +45,12 @@ gpu_only = pytest.mark.skipif(not SM90, reason="sizes for an sm_90+ GPU (minutes
 if INTERPRETED:
     from gluon_interpreter import interpreted
 
-# Under the interpreter: 16-token forward chunks and 8-token backward chunks, 64 channels per
-# program (two warps' worth).
-CPU_CONFIGS = {"_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=2),
-               "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=2)}
+# One candidate per kernel for the tests of numbers (each candidate has a test of its own):
+# 16-token forward chunks and 8-token backward chunks, 64 channels per program (two warps'
+# worth). On a GPU this also keeps each specialisation to one compile per kernel, where the
+# autotuner would compile three: the whole file must fit a step of scripts/gpu_checks.sh.
+ONE_CANDIDATE = {"_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=2),
+                 "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=2)}
 
 
 def candidates(configs):
@@ -70,9 +72,9 @@ def _restore(tuner, configs, cache):
 
 @pytest.fixture
 def on_device():
-    """Every Gluon call of the test runs here: interpreted on the CPU (one candidate per
-    kernel), the autotuned kernels on an sm_90+ GPU."""
-    with interpreted(ssg, CPU_CONFIGS) if INTERPRETED else contextlib.nullcontext():
+    """Every Gluon call of the test runs here with one candidate per kernel: interpreted on
+    the CPU, compiled on an sm_90+ GPU."""
+    with candidates(ONE_CANDIDATE):
         yield
 
 
@@ -148,6 +150,17 @@ def test_every_autotuning_candidate(pair):
         for reverse in (False, True):
             check(L, E=E, batch=2, dtype=torch.bfloat16, tol=1e-2, reverse=reverse,
                   strided=True)
+
+
+def test_candidates_on_a_gpu_restrict_the_autotuner_and_restore_it(monkeypatch):
+    # What the tests above run with on a GPU (on the CPU they interpret one candidate).
+    monkeypatch.setattr(sys.modules[__name__], "INTERPRETED", False)
+    tuner = ssg._scan_bwd
+    configs, cache = tuner.configs, tuner.cache
+    with candidates({"_scan_bwd": ssg._BWD_CONFIGS[2]}):
+        assert tuner.configs == [ssg._BWD_CONFIGS[2]] and tuner.cache == {}
+        assert ssg._scan_fwd.configs == ssg._FWD_CONFIGS
+    assert tuner.configs is configs and tuner.cache is cache
 
 
 @pytest.mark.gpu
