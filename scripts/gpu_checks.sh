@@ -199,7 +199,7 @@ else
 fi
 # (In a smoke run, or a run of chosen steps, only when named: "kernel_stats".)
 if { [ -z "$ONLY" ] && [ "$SMOKE" != 1 ]; } || [[ " $ONLY " == *" kernel_stats "* ]]; then
-    ( nice -n 5 timeout 240 "$PY" scripts/kernel_stats.py --reverse both \
+    ( nice -n 5 timeout 240 "$PY" scripts/kernel_stats.py --reverse both --jobs 2 \
           > "$LOGS/kernel_stats.txt" 2>&1 ) &
 fi
 

@@ -226,7 +226,11 @@ def main() -> int:
     parser.add_argument("--reverse", choices=("no", "yes", "both"), default="no",
                         help="scan direction(s) to compile (default: forward only)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiles at once (default: one per core)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     missing = [tool for tool in ("ptxas", "cuobjdump")
                if not os.path.exists(os.path.join(TOOLS, tool))]
     if missing:
@@ -259,7 +263,7 @@ def main() -> int:
             for reverse in directions]
     reports = []
     # One compile per core (ptxas and Triton's passes are single-threaded), printed in order.
-    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1),
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), args.jobs),
                                                 mp_context=mp.get_context("fork")) as pool:
         for (family, name, config, reverse), (s, error) in zip(jobs, pool.map(_job, jobs)):
             if error:
