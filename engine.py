@@ -2,7 +2,7 @@
 accumulation, EMA updates per optimizer step, and the bookkeeping that crash-safe training
 needs: per-step reseeding, agreement across ranks on non-finite losses and stop requests."""
 import math
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -49,57 +49,58 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     batches = metric_logger.log_every(
         data_loader, args.print_freq, f"Epoch: [{epoch}]", start=start_step, total=total,
         images_per_iter=args.batch_size * utils.get_world_size())
-    for step, (samples, targets) in enumerate(batches, start_step):
-        group_start = step - step % accum
-        group_size = min(accum, total - group_start)
-        steps_optimizer = step == group_start + group_size - 1
-        utils.seed_everything(utils.derive_seed(args.seed, epoch, step, rank))
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        # Gradients of all but the group's last micro-batch stay local (no all-reduce).
-        sync = steps_optimizer or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if sync else model.no_sync():
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(samples)
-                loss = criterion(samples, outputs, targets)
-            loss_value = loss.item()
-            # Every rank must take the same decision, or the next all-reduce would hang.
-            bad, stop_now = utils.any_rank(not math.isfinite(loss_value),
-                                           stop is not None and stop.requested)
-            if not bad:
-                loss = loss / group_size
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-        if bad:
-            if nonfinite.used >= nonfinite.limit:
-                raise NonFiniteLossError(epoch, step, loss_value)
-            nonfinite.used += 1
-            poisoned = True
-            print(f"warning: non-finite loss ({loss_value}) at epoch {epoch}, step {step}: "
-                  f"optimizer step skipped ({nonfinite.used} of --skip-nonfinite "
-                  f"{nonfinite.limit} used)", flush=True)
-        else:
-            metric_logger.update(loss=loss_value)
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if not steps_optimizer:
-            continue
-        if not poisoned:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if args.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+    with closing(batches):
+        for step, (samples, targets) in enumerate(batches, start_step):
+            group_start = step - step % accum
+            group_size = min(accum, total - group_start)
+            steps_optimizer = step == group_start + group_size - 1
+            utils.seed_everything(utils.derive_seed(args.seed, epoch, step, rank))
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                samples, targets = mixup_fn(samples, targets)
+            # Gradients of all but the group's last micro-batch stay local (no all-reduce).
+            sync = steps_optimizer or not isinstance(model, DistributedDataParallel)
+            with nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(samples)
+                    loss = criterion(samples, outputs, targets)
+                loss_value = loss.item()
+                # Every rank must take the same decision, or the next all-reduce would hang.
+                bad, stop_now = utils.any_rank(not math.isfinite(loss_value),
+                                               stop is not None and stop.requested)
+                if not bad:
+                    loss = loss / group_size
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            if bad:
+                if nonfinite.used >= nonfinite.limit:
+                    raise NonFiniteLossError(epoch, step, loss_value)
+                nonfinite.used += 1
+                poisoned = True
+                print(f"warning: non-finite loss ({loss_value}) at epoch {epoch}, step {step}: "
+                      f"optimizer step skipped ({nonfinite.used} of --skip-nonfinite "
+                      f"{nonfinite.limit} used)", flush=True)
             else:
-                optimizer.step()
-            if model_ema is not None:
-                model_ema.update(unwrapped)
-        optimizer.zero_grad(set_to_none=True)
-        poisoned = False
-        if stop_now and step + 1 < total:
-            return _finish(metric_logger), step + 1
+                metric_logger.update(loss=loss_value)
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            if not steps_optimizer:
+                continue
+            if not poisoned:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if args.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if model_ema is not None:
+                    model_ema.update(unwrapped)
+            optimizer.zero_grad(set_to_none=True)
+            poisoned = False
+            if stop_now and step + 1 < total:
+                return _finish(metric_logger), step + 1
     return _finish(metric_logger), None
 
 
@@ -119,15 +120,16 @@ def evaluate(data_loader, model, device, amp_dtype=None, print_freq=10, header="
     for name in ("loss", "acc1", "acc5"):
         metric_logger.add_meter(name, utils.SmoothedValue())
     model.eval()
-    for images, target in metric_logger.log_every(data_loader, print_freq, header):
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            output = model(images)
-            loss = criterion(output, target)
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        n = images.shape[0]
-        metric_logger.update(n=n, loss=loss.item(), acc1=acc1.item(), acc5=acc5.item())
+    with closing(metric_logger.log_every(data_loader, print_freq, header)) as batches:
+        for images, target in batches:
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                output = model(images)
+                loss = criterion(output, target)
+            acc1, acc5 = accuracy(output, target, topk=(1, 5))
+            metric_logger.update(n=images.shape[0], loss=loss.item(), acc1=acc1.item(),
+                                 acc5=acc5.item())
     metric_logger.synchronize_between_processes()
     print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f} Acc@5 {metric_logger.acc5.global_avg:.3f} "
           f"loss {metric_logger.loss.global_avg:.3f}")

@@ -110,30 +110,47 @@ class MetricLogger:
         """Yield from ``iterable``, printing progress every ``print_freq`` iterations.
 
         ``start``/``total`` number the iterations of a resumed epoch; ``images_per_iter`` (the
-        global batch) turns the iteration time into a throughput in img/s."""
+        global batch) turns the iteration time into a throughput in img/s. A data loader's
+        workers are shut down when the generator is closed, whether the loop ended, stopped
+        early or raised: close it (``contextlib.closing``) rather than leave that to the
+        garbage collector."""
         total = len(iterable) + start if total is None else total
         start_time = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         width = len(str(total))
-        for i, obj in enumerate(iterable, start):
-            data_time.update(time.time() - end)
-            yield obj
-            iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
-                eta = str(datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1))))
-                parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
-                if images_per_iter:
-                    parts.append(f"img/s: {images_per_iter / max(iter_time.avg, 1e-9):.1f}")
-                if torch.cuda.is_available():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
-                print(self.delimiter.join(p for p in parts if p), flush=True)
-            end = time.time()
+        iterator = iter(iterable)
+        try:
+            for i, obj in enumerate(iterator, start):
+                data_time.update(time.time() - end)
+                yield obj
+                iter_time.update(time.time() - end)
+                if i % print_freq == 0 or i == total - 1:
+                    eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                    parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                             f"time: {iter_time}", f"data: {data_time}"]
+                    if images_per_iter:
+                        parts.append(f"img/s: {images_per_iter / max(iter_time.avg, 1e-9):.1f}")
+                    if torch.cuda.is_available():
+                        parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                    print(self.delimiter.join(p for p in parts if p), flush=True)
+                end = time.time()
+        finally:
+            shutdown_loader_workers(iterator)
         done = max(iter_time.count, 1)
         total_time = time.time() - start_time
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
               f"({total_time / done:.4f} s / it)", flush=True)
+
+
+def shutdown_loader_workers(iterator):
+    """Stop a data loader iterator's worker processes now. Workers ignore SIGTERM (see
+    ``main.worker_ignores_stop_signals``), so one left to the garbage collector outlives an
+    exception that holds it and hangs the interpreter's exit, which terminates and joins
+    them."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 # --------------------------------------------------------------------------- distributed

@@ -113,6 +113,21 @@ def test_unreadable_image_is_named(capfd, tmp_path, workers):
     assert f"error: cannot read image {bad} (" in line and "remove or replace" in line
 
 
+def test_unreadable_image_ends_the_process_with_workers(tmp_path):
+    """As a user runs it: the error line, exit 1, and the process gone at once (its workers
+    ignore SIGTERM, so one left running used to hold the interpreter's exit for ever)."""
+    root = make_image_folder(tmp_path)
+    bad = os.path.join(root, "train", "class0", "2.png")
+    with open(bad, "r+b") as f:
+        f.truncate(50)
+    result = subprocess.run([sys.executable, "main.py", *FAST, "--num_workers", "2",
+                             "--data-path", root], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read image {bad} ("), lines
+
+
 def test_no_space_left_for_a_checkpoint_keeps_the_previous_one(capfd, data, tmp_path,
                                                                monkeypatch):
     out = tmp_path / "out"
