@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from utils import UserError, check_shapes, load_checkpoint, model_state_dict
+from checkpoints import check_fit, load_checkpoint, model_state_dict
+from utils import UserError
 
 
 class BinaryCrossEntropy(torch.nn.Module):
@@ -62,7 +63,7 @@ def build_teacher(args, num_classes, device):
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=num_classes)
     state_dict = model_state_dict(load_checkpoint(args.teacher_path, "teacher checkpoint"),
                                   args.teacher_path)
-    check_shapes(teacher, state_dict, args.teacher_path, args.teacher_model)
+    check_fit(teacher, state_dict, args.teacher_path, args.teacher_model)
     teacher.load_state_dict(state_dict)
     return teacher.to(device).eval()
 

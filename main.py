@@ -36,6 +36,7 @@ from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoints
 import models_mambar
 import models_vim
 import utils
@@ -317,16 +318,16 @@ def load_finetune(model, args):
     """Start from the weights in --finetune: pos_embed resized to this model's grid
     (registers kept), head / neck dropped where their shape differs, any other shape mismatch
     an error naming the keys; missing / unexpected keys are reported."""
-    checkpoint = utils.load_checkpoint(args.finetune, "--finetune checkpoint")
-    state_dict = utils.model_state_dict(checkpoint, args.finetune)
+    checkpoint = checkpoints.load_checkpoint(args.finetune, "--finetune checkpoint")
+    state_dict = checkpoints.model_state_dict(checkpoint, args.finetune)
     state_dict = model.interpolate_pos_embed(state_dict)
     own = model.state_dict()
     dropped = [k for k, v in state_dict.items()
                if k.startswith(HEAD_PREFIXES) and k in own and v.shape != own[k].shape]
     for k in dropped:
         del state_dict[k]
-    missing, unexpected = utils.check_shapes(model, state_dict, args.finetune, args.model,
-                                             strict=False)
+    missing, unexpected = checkpoints.check_fit(model, state_dict, args.finetune, args.model,
+                                                strict=False)
     model.load_state_dict(state_dict, strict=False)
     print(f"Finetuning from {args.finetune}"
           + (f"; dropped (shape differs): {', '.join(dropped)}" if dropped else "")
@@ -337,7 +338,7 @@ def load_finetune(model, args):
 def load_model_weights(model, state_dict, path, args):
     hint = ("; use --finetune to start from weights of another input size or class count"
             if not args.eval else "")
-    utils.check_shapes(model, state_dict, path, args.model, strict=True, hint=hint)
+    checkpoints.check_fit(model, state_dict, path, args.model, strict=True, hint=hint)
     model.load_state_dict(state_dict)
 
 
@@ -375,9 +376,9 @@ def find_resume_checkpoint(args):
 def resume(checkpoint_path, state, args):
     """Load a checkpoint; for training also the optimizer, schedule, scaler, EMA and position.
     Returns (start epoch, start micro-batch)."""
-    checkpoint = utils.load_checkpoint(checkpoint_path)
+    checkpoint = checkpoints.load_checkpoint(checkpoint_path)
     model = state["model"]
-    load_model_weights(model, utils.model_state_dict(checkpoint, checkpoint_path),
+    load_model_weights(model, checkpoints.model_state_dict(checkpoint, checkpoint_path),
                        checkpoint_path, args)
     has_ema = isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_ema"), dict)
     if args.eval and not has_ema:
@@ -565,8 +566,9 @@ def save(state, epoch, next_step, args, best):
     checkpoint = make_checkpoint(state, epoch, next_step, args)
     if best:
         checkpoint["best_acc1"] = state["max_accuracy"]
-        utils.save_checkpoint(checkpoint, os.path.join(args.output_dir, "best_checkpoint.pth"))
-    utils.save_checkpoint(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
+        checkpoints.save_checkpoint(checkpoint,
+                                    os.path.join(args.output_dir, "best_checkpoint.pth"))
+    checkpoints.save_checkpoint(checkpoint, os.path.join(args.output_dir, "checkpoint.pth"))
 
 
 def stopped(stop, epoch, step, args):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from models_mambar import VisionMambaBackbone, create_backbone, pretrained_cfg, resize_pos_embed
+from vision_mamba import VisionMambaBackbone, create_backbone, pretrained_cfg, resize_pos_embed
 
 __all__ = ["Vim"]
 

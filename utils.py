@@ -1,9 +1,7 @@
-"""Process-level helpers: distributed setup, metric logging, seeding, stop signals, checkpoint
-I/O and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
+"""Process-level helpers: user errors, metric logging, distributed setup, seeding, stop signals
+and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
 import builtins
 import datetime
-import errno
-import glob
 import hashlib
 import json
 import logging
@@ -22,11 +20,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import models_mambar
-
 
 class UserError(Exception):
     """A problem with the command line, the data or a file: shown as one line, no traceback."""
+
+
+def error_line(err: BaseException) -> str:
+    """The exception's type and first sentence: enough to tell what went wrong in one line
+    (for this repository's one-line errors and warnings)."""
+    text = str(err).strip()
+    text = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 # --------------------------------------------------------------------------- metric logging
@@ -299,89 +303,7 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else None
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(obj, path):
-    """Write ``obj`` to ``path`` atomically: temp file in the same directory, flush, fsync,
-    rename, fsync the directory. A kill or a full disk at any moment leaves the previous
-    ``path`` intact. ``obj`` must be plain data (tensors, numbers, strings, lists, dicts) so
-    that it loads with ``weights_only=True``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    # Temp files of writers killed mid-write: only rank 0 writes into an output dir.
-    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}.*.tmp")):
-        os.unlink(stale)
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            reason = err.strerror or os.strerror(err.errno or errno.EIO)
-            raise UserError(f"cannot write checkpoint {path}: {reason}; the previous "
-                            f"checkpoint there (if any) is intact") from None
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(path, what="checkpoint"):
-    """Everything in a checkpoint, read safely by ``models_mambar.read_checkpoint`` (errors as
-    one-line ``UserError``s). An http(s) URL (a released checkpoint) is downloaded once into
-    torch hub's checkpoint cache, then read from there the same way."""
-    if path.startswith(("http://", "https://")):
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(path))
-        if not os.path.isfile(cached):
-            os.makedirs(os.path.dirname(cached), exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(path, cached)
-            except Exception as err:
-                raise UserError(f"cannot download {what} {path}: {err}") from None
-        path = cached
-    try:
-        return models_mambar.read_checkpoint(path, what)
-    except models_mambar.CheckpointError as err:
-        raise UserError(str(err)) from None
-
-
-def model_state_dict(checkpoint, path):
-    """The model weights of a loaded checkpoint (see ``models_mambar.model_state_dict``)."""
-    try:
-        return models_mambar.model_state_dict(checkpoint, path)
-    except models_mambar.CheckpointError as err:
-        raise UserError(str(err)) from None
-
-
-def check_shapes(model, state_dict, path, model_name, strict=True, hint=""):
-    """Raise a one-line error naming the keys of ``state_dict`` that do not fit ``model``:
-    wrong shapes always, missing or unexpected keys too when ``strict``. Returns the
-    (missing, unexpected) key lists."""
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    problems = [f"{label}: {_name_list(keys)}" for label, keys in
-                (("shape mismatch (checkpoint vs model)", wrong),
-                 ("missing", missing if strict else []),
-                 ("unexpected", unexpected if strict else [])) if keys]
-    if problems:
-        raise UserError(f"{path} does not fit {model_name}: " + "; ".join(problems) + hint)
-    return missing, unexpected
-
-
-def _name_list(keys, limit=4):
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
+# --------------------------------------------------------------------------- logs
 
 def append_log(output_dir, stats):
     """One JSON line per epoch in ``output_dir/log.txt``, as DeiT writes it."""
@@ -423,7 +345,7 @@ class MlflowRun:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             self.mlflow = mlflow
         except Exception as err:  # tracking must never stop training
-            print(f"warning: MLflow tracking disabled: {models_mambar.error_line(err)}",
+            print(f"warning: MLflow tracking disabled: {error_line(err)}",
                   file=sys.stderr)
 
     def log_metrics(self, metrics, step):
@@ -435,7 +357,7 @@ class MlflowRun:
             self.mlflow.log_metrics(numeric, step=step)
         except Exception as err:
             print(f"warning: MLflow logging failed, tracking disabled: "
-                  f"{models_mambar.error_line(err)}", file=sys.stderr)
+                  f"{error_line(err)}", file=sys.stderr)
             self.mlflow = None
 
     def end(self, status="FINISHED"):

@@ -39,8 +39,9 @@ from torchvision import transforms
 
 import models_mambar
 import models_vim
-from models_mambar import CheckpointError, VisionMambaBackbone, check_state_dict, \
-    load_state_dict_file
+from checkpoints import check_fit, load_state_dict_file
+from utils import UserError
+from vision_mamba import VisionMambaBackbone
 
 MODEL_MODULES = (models_mambar, models_vim)
 # The layers whose norm distributions the paper plots (0-indexed, depth-24 models).
@@ -48,10 +49,6 @@ DISTRIBUTION_LAYERS = (7, 15, 19, 23)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE = "china.jpg"  # ships with scikit-learn, so the tool works offline
-
-
-class UsageError(Exception):
-    """A user mistake, reported as one line without a traceback."""
 
 
 # --------------------------------------------------------------------------- computations
@@ -115,7 +112,7 @@ def build_model(name: str, checkpoint: Optional[str], input_size: int,
     """The model built for ``input_size`` in fp32 eval mode, with the checkpoint's weights
     (pos_embed interpolated to the new grid, class count taken from its head) if given."""
     if name not in available_models():
-        raise UsageError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+        raise UserError(f"unknown model {name!r}; available: {', '.join(available_models())}")
     state_dict = load_state_dict_file(checkpoint) if checkpoint else {}
     head = state_dict.get("head.weight")
     num_classes = head.shape[0] if head is not None else 1000
@@ -123,7 +120,7 @@ def build_model(name: str, checkpoint: Optional[str], input_size: int,
         model = timm.create_model(name, pretrained=False, num_classes=num_classes,
                                   img_size=input_size)
     except ValueError as err:  # e.g. an input size that is not a multiple of the patch size
-        raise UsageError(f"cannot build {name} at --input-size {input_size}: {err}") from None
+        raise UserError(f"cannot build {name} at --input-size {input_size}: {err}") from None
     if not checkpoint:
         print(f"warning: no checkpoint for {name}: random init (the maps show the tool's "
               f"output, not a trained model's)", file=sys.stderr)
@@ -131,13 +128,8 @@ def build_model(name: str, checkpoint: Optional[str], input_size: int,
         try:
             state_dict = model.interpolate_pos_embed(state_dict)
         except ValueError as err:
-            raise UsageError(f"{checkpoint} does not fit {name}: {err}") from None
-        missing, unexpected, mismatched = check_state_dict(model, state_dict)
-        problems = [f"{len(keys)} {label} keys (first: {keys[0]})" for label, keys in
-                    (("missing", missing), ("unexpected", unexpected),
-                     ("wrong-shape", mismatched)) if keys]
-        if problems:
-            raise UsageError(f"{checkpoint} does not fit {name}: {'; '.join(problems)}")
+            raise UserError(f"{checkpoint} does not fit {name}: {err}") from None
+        check_fit(model, state_dict, checkpoint, name)
         model.load_state_dict(state_dict, strict=True)
     return model.float().to(device).eval()
 
@@ -167,11 +159,11 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, Image.Image]]:
             with Image.open(path) as img:
                 images.append((Path(path).name, img.convert("RGB")))
         except FileNotFoundError:
-            raise UsageError(f"image not found: {path}") from None
+            raise UserError(f"image not found: {path}") from None
         except IsADirectoryError:
-            raise UsageError(f"image path is a directory: {path}") from None
+            raise UserError(f"image path is a directory: {path}") from None
         except (UnidentifiedImageError, OSError) as err:
-            raise UsageError(f"cannot read image {path}: {err}") from None
+            raise UserError(f"cannot read image {path}: {err}") from None
     return images
 
 
@@ -286,13 +278,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> List[Optional[str]]:
     """Validate arguments that need no model; returns the checkpoint (or None) per model."""
     if args.checkpoint and len(args.checkpoint) != len(args.model):
-        raise UsageError(f"give one --checkpoint per --model ({len(args.model)} models, "
+        raise UserError(f"give one --checkpoint per --model ({len(args.model)} models, "
                          f"{len(args.checkpoint)} checkpoints) or none at all")
     if args.label and len(args.label) != len(args.model):
-        raise UsageError(f"give one --label per --model ({len(args.model)} models, "
+        raise UserError(f"give one --label per --model ({len(args.model)} models, "
                          f"{len(args.label)} labels) or none at all")
     if min(args.input_size, args.eval_crop_ratio, args.k, args.dpi) <= 0:
-        raise UsageError("--input-size, --eval-crop-ratio, --k and --dpi must be positive")
+        raise UserError("--input-size, --eval-crop-ratio, --k and --dpi must be positive")
     checkpoints = args.checkpoint or [None] * len(args.model)
     return [None if c is None or c.lower() == "none" else c for c in checkpoints]
 
@@ -301,16 +293,16 @@ def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") \
+        raise UserError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+        raise UserError(f"--device {name}: CUDA is not available here; use --device cpu")
     return device
 
 
 def resolve_layer(layer: int, depth: int, name: str) -> int:
     if not -depth <= layer < depth:
-        raise UsageError(f"--layer {layer} is out of range for {name} ({depth} blocks: "
+        raise UserError(f"--layer {layer} is out of range for {name} ({depth} blocks: "
                          f"0..{depth - 1} or -{depth}..-1)")
     return layer % depth
 
@@ -336,7 +328,7 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"cannot create --out {out_dir}: {err.strerror}") from None
+        raise UserError(f"cannot create --out {out_dir}: {err.strerror}") from None
 
     models = []
     for name, checkpoint in zip(args.model, checkpoints):
@@ -390,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (UsageError, CheckpointError) as err:
+    except UserError as err:
         print(f"visualize.py: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -3,9 +3,8 @@
 # scikit-learn's handwritten digits (1437 train / 360 val images, 10 classes; main.py's
 # embedded DIGITS data set, used when no --data-path is given).
 #
-#   bash scripts/demo.sh          # 3-4 min on 2 AMD EPYC (Zen 4) cores with nothing else
-#                                 # running (3 min 11 s, 311 s of CPU time; see BENCHMARKS.md);
-#                                 # prints the final top-1 (95.8%)
+#   bash scripts/demo.sh          # about 3 minutes on 2 cores (BENCHMARKS.md); prints the
+#                                 # final top-1
 #
 #   stage  paper (ImageNet)                      here (digits)
 #   1      128 px, 300 ep, from scratch          32 px (2x2 patches + 12 registers), 2 epochs
@@ -18,17 +17,15 @@
 # every patch covers a different pixel block and the registers sit elsewhere, so a stage needs
 # a fresh schedule to adapt (stage 1 reaches 71% at 32 px, stage 2 92% at 64 px, stage 3 96%).
 # Training runs as 2 processes x 1 thread (torchrun, gloo), 16 images each: for a model this
-# small, two processes beat one with two threads (back to back at load ~3.5: 1.2-1.3 s against
-# 1.6 s per step of 32 images). Changed for 8x8-pixel digits and minutes of CPU: the learning
+# small, two processes beat one with two threads (back to back, a quarter less time per step). Changed for 8x8-pixel digits and minutes of CPU: the learning
 # rates are used as given (--unscale-lr: 3e-4, 1e-4, 2e-5; global batch 32) with no warmup; no
 # horizontal flip (--hflip 0: a mirrored digit is another glyph; with flips the same stages
 # took 9 epochs to 94.2%), colour jitter, mixup, cutmix, EMA, drop path or repeated
 # augmentation; stage 1 without RandAugment (timm's random-resized crop, scale 0.08-1); stages
 # 2-3 with ThreeAugment's simple-random-crop variant (--src) instead of a random-resized crop,
 # which would cut most of the digit away. About a fifth of the time is the four launches
-# (imports, data, MLflow: ~20 s each).
-# Tried on the way (BENCHMARKS.md): 5/3/1 epochs 98.1% (about 9 min), 3/2/1 96.4%, stage 1 at
-# lr 2e-4 for 3 epochs then 1/1 96.1%, stage 3 at lr 5e-5 92.8%.
+# (imports, data, MLflow). Longer schedules and other learning rates tried on the way:
+# BENCHMARKS.md, "Tried and not kept".
 # 48 px is skipped on purpose: 3x3 patches put all 12 registers before the patches
 # (L = floor(9 / 13) = 0); in our runs it lost accuracy.
 #

@@ -6,8 +6,8 @@
 #   bash scripts/mambar_base.sh --dry-run                            # print the commands only
 #   bash scripts/mambar_base.sh --help                               # all options / variables
 #
-# Every number below is the authors' published Base command (official README of
-# github.com/wangf3014/Mamba-Reg; ../shared/spec/MAMBAR.md, "Training recipe"), 8 GPUs:
+# Every number below is the authors' published Base command (README of
+# github.com/wangf3014/Mamba-Reg), 8 GPUs:
 #   stage  input epochs batch/GPU global  lr (flag)            wd    drop-path  aug
 #   pt     128   300    128       1024    5e-4 (x1024/512=1e-3) 0.05  0.1        ThreeAugment, repeated aug
 #   mid    224   100    128       1024    2e-4 (x1024/512=4e-4) 0.05  0.4        ThreeAugment, repeated aug

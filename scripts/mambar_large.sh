@@ -6,9 +6,9 @@
 #   NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> DATA_PATH=... bash scripts/mambar_large.sh
 #   bash scripts/mambar_large.sh --dry-run                           # print the commands only
 #
-# Where the numbers come from: the authors published commands for Base only. The spec
-# (../shared/spec/MAMBAR.md, "Training recipe") gives the same authors' later recipe
-# (Adventurer) for Large: stage 1 200 epochs, lr 2e-4, wd 0.3, batch 4096, betas (0.9, 0.95),
+# Where the numbers come from: the authors published commands for Base only (README of
+# github.com/wangf3014/Mamba-Reg). The same authors' later recipe (Adventurer, arXiv
+# 2410.07599) is the guide for Large: stage 1 200 epochs, lr 2e-4, wd 0.3, batch 4096, betas (0.9, 0.95),
 # drop path 0.2, warmup 20; stage 2 50 epochs, lr 8e-4, wd 0.3, drop path 0.4; stage 3 50
 # epochs, lr 2e-5, drop path 0.6. Everything the guide does not state is Base's, marked (B):
 # augmentation, smoothing, stage-2/3 batch, warmup 5 and default betas in stages 2-3, stage-3

@@ -6,9 +6,9 @@
 #   bash scripts/mambar_small.sh --dry-run                           # print the commands only
 #   bash scripts/mambar_small.sh --help                              # all options / variables
 #
-# Where the numbers come from: the authors published commands for Base only. The spec
-# (../shared/spec/MAMBAR.md, "Training recipe") gives the same authors' later recipe
-# (Adventurer) as the best guide: "Small like Base with stage-2 drop path 0.2". So every number
+# Where the numbers come from: the authors published commands for Base only (README of
+# github.com/wangf3014/Mamba-Reg). The same authors' later recipe (Adventurer, arXiv
+# 2410.07599) is the best guide: Small like Base with stage-2 drop path 0.2. So every number
 # is Base's published one except stage 2's drop path (0.4 -> 0.2, marked *). Stage 3 keeps
 # Base's 0.4, as the guide changes stage 2 only.
 #   stage  input epochs batch/GPU global  lr (flag)            wd    drop-path  aug

@@ -7,7 +7,7 @@
 #   bash scripts/mambar_tiny.sh --help                               # all options / variables
 #
 # Where the numbers come from: no Tiny recipe is published (the authors published Base only,
-# and the spec's guide, ../shared/spec/MAMBAR.md "Training recipe", covers Small and Large).
+# and their later Adventurer recipe, the guide for the other sizes, covers Small and Large).
 # This script uses Base's published recipe with one change of ours, marked (*): drop path 0.1
 # in every stage instead of Base's 0.4 in stages 2-3, because stochastic depth is scaled down
 # with model size (DeiT-Ti and Vim-Ti train with <= 0.1; Small's guide already halves it to 0.2).

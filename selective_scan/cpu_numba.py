@@ -1,6 +1,6 @@
 """Compiled CPU selective scan (Numba): one fused pass per time step, all cores busy.
 
-The pure-PyTorch loop in ``selective_scan.py`` issues a dozen small ATen ops per time step; at
+The PyTorch loop (``loop.py``) issues a dozen small ATen ops per time step; at
 the model's sizes each costs more in dispatch and memory round trips than in arithmetic. Here
 each (image, block of ``BLOCK`` channels) job keeps its (states x channels) slab in L1 and does
 the decay, the input term, the state update and the C contraction of a step in one loop nest
@@ -38,7 +38,7 @@ from numba.extending import intrinsic, overload
 
 # Channels per job: the vector lanes of the inner loops (4 AVX-512 or 8 AVX2 vectors). Wider
 # than one vector so that the backward's two sums over channels per (step, state) are spread
-# over more work: 16 channels took 17 ms per Tiny-sized backward, 64 took 13.
+# over more work: a Tiny-sized backward ran faster with 64 channels per job than with 16.
 BLOCK = 64
 # Compiler flags: reassociation lets LLVM vectorise the sums over channels; contraction gives
 # FMAs. No 'nnan'/'ninf': inf and nan must propagate as in the other backends.
@@ -151,8 +151,7 @@ def _tokens(operand):
 def _load_tile(src, b, e0, tile):
     """tile[t, e] = channel e0 + e, token t of image b of the operand ``src``; zeros for the
     channels past E. Copying a job's (L x channels) tile here, in L1, replaces a transposed
-    copy of the whole tensor (slow in ATen at the model's sizes: 0.3-0.5 ms each at the
-    demo's (16, 384, 28))."""
+    copy of the whole tensor (slow in ATen at the model's sizes)."""
     array, channel_minor = src
     length, width = _U(tile.shape[0]), _U(tile.shape[1])
     if channel_minor:               # (B, L, E): rows of the tile are runs of the array
@@ -486,7 +485,7 @@ def _split(jobs: int, threads: int, unit: int = 1) -> List[Tuple[int, int]]:
 def _run(kernel, ranges: List[Tuple[int, int]], per_task) -> None:
     """``kernel(first, last, *per_task(i))`` for every range, on torch's thread count: the
     calling thread and the pool's take the ranges in turn. The caller starts at once rather
-    than waiting for woken workers (a wake-up cost 0.1-0.2 ms per call on our 2-core VM)."""
+    than waiting for woken workers (a wake-up costs as much as a small call's work)."""
     threads = min(torch.get_num_threads(), len(ranges))
     if threads <= 1:
         for i, (first, last) in enumerate(ranges):
@@ -534,8 +533,8 @@ def _array(t: torch.Tensor) -> np.ndarray:
 def _operand(t: torch.Tensor) -> Tuple[np.ndarray, bool]:
     """A (B, E, L) tensor as the kernels take it, (array, channel_minor): stored with the
     channels innermost, as its (B, L, E) view, whose rows the tile copies move as vectors
-    (0.07 ms per Tiny-sized tensor against 0.44 ms for a (B, E, L) one, transposed element
-    by element); otherwise as (B, E, L). Either may have any strides."""
+    (several times faster than a (B, E, L) one, transposed element by element); otherwise
+    as (B, E, L). Either may have any strides."""
     if t.stride(1) < t.stride(2):
         return _array(t.transpose(1, 2)), True
     return _array(t), False
@@ -543,7 +542,7 @@ def _operand(t: torch.Tensor) -> Tuple[np.ndarray, bool]:
 
 def _empty_channel_minor(batch: int, dim: int, length: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised (B, E, L) tensor stored as (B, L, E): how the kernels write the
-    results that go on to the projections (``mixer_ops.channel_matmul``) and back."""
+    results that go on to the projections (``mixer_op.channel_matmul``) and back."""
     return torch.empty(batch, length, dim, dtype=dtype).transpose(1, 2)
 
 
@@ -610,7 +609,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
         (tasks, x.bias))]
     arrays = x.arrays() + (bool(delta_softplus), bool(reverse)) + tuple(
         _operand(t) for t in (dout.to(x.work), du, ddelta, dz))
-    per_task = [t.numpy() for t in sums]     # indexed in NumPy: 0.2 us, a tensor slice's .numpy() 3
+    per_task = [t.numpy() for t in sums]     # indexed in NumPy: cheaper than a slice's .numpy()
     _run(_backward_jobs, ranges, lambda i: arrays + tuple(a[min(i, len(a) - 1)]
                                                           for a in per_task))
     da, db, dc, dd, dbias = (t.sum(0) for t in sums)
@@ -632,7 +631,7 @@ def _conv_inputs(x, weight, bias):
 def conv_silu_forward(x, weight, bias, reverse):
     """SiLU(causal depthwise conv(x)), (B, E, L) -> channel-minor (B, E, L) in x's dtype (u,
     as the projections and the scan read it best), for a (E, 1, K) weight (anti-causal with
-    ``reverse``); as ``mixer_ops.conv_silu``, in one pass instead of oneDNN's conv, a slice
+    ``reverse``); as ``mixer_op.conv_silu``, in one pass instead of oneDNN's conv, a slice
     and a SiLU."""
     xw, w_t, b = _conv_inputs(x, weight, bias)
     out = _empty_channel_minor(*xw.shape, dtype=xw.dtype)
@@ -659,23 +658,3 @@ def conv_silu_backward(du, x, weight, bias, reverse):
     dweight = dws.sum(0)[:, :dim].t().unsqueeze(1).to(weight.dtype)
     return (dx.to(x.dtype), dweight,
             None if bias is None else dbs.sum(0)[:dim].to(bias.dtype))
-
-
-class _SelectiveScanCPU(torch.autograd.Function):
-    """Saves only the inputs; the backward kernel re-runs the forward per job."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        ctx.flags = (bool(delta_softplus), bool(reverse))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return scan_backward(*ctx.saved_tensors, dout, *ctx.flags) + (None, None)
-
-
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=True, reverse=False):
-    """The compiled CPU selective scan (same arguments and results as the other backends)."""
-    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)

@@ -1,6 +1,6 @@
 """Gluon kernels for the Mamba-1 selective scan (forward and backward), for sm_90+ GPUs.
 
-Same functions, arguments and results as ``selective_scan_triton``'s ``scan_forward`` and
+Same functions, arguments and results as ``triton_kernels``' ``scan_forward`` and
 ``scan_backward`` (see ``selective_scan.selective_scan_reference`` for the math and layout),
 written in Triton's Gluon dialect (``triton.experimental.gluon``), which, unlike plain
 Triton, lets a kernel choose each tensor's register layout and address shared memory.
@@ -38,18 +38,13 @@ Design, and why:
   multiply-adds), then adds them to HBM with one fp32 atomic per (batch, state, token) per
   program. The products are not formed in the adjoint: two multiplies and a store per state
   element fewer there, and ~60 fewer live registers in the two-warp backward.
-* Where this stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a): best forward + best
-  backward 8.5 + 29.9 = 38.4 instructions and 3.56 MUFU per state element on Triton 3.8,
-  8.6 + 29.3 = 37.9 on Triton 3.6 (the plain-Triton pair: 64.2 and 3.72), no spills on
-  either. Issue 12's 30 and 2.5 are not reached: the backward's pass 1 (an exponential and ~5
-  instructions per element) exists because the contract gives the backward no states saved
-  by the forward, and saving them densely enough to drop it does not fit the memory budget
-  (BENCHMARKS.md).
+* Why pass 1 stays: the contract gives the backward no states saved by the forward, and
+  saving them densely enough to drop it does not fit the memory budget of a training step.
 * Triton's interpreter (TRITON_INTERPRET=1) never wraps a Gluon function. The tests run these
   kernels' bodies under it through tests/gluon_interpreter.py, which gives layouts, shared
   memory and barriers their logical meaning: that checks their numbers on the CPU, not the
   barriers. On an sm_90+ GPU tests/test_selective_scan_gluon.py runs them compiled; what
-  the compiler makes of them for sm_90a is counted by scripts/kernel_stats.py.
+  the compiler makes of them for sm_90a is counted by tools/kernel_stats.py.
 """
 from __future__ import annotations
 
@@ -57,7 +52,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from selective_scan_triton import KernelScan, boundary_slots, launch_backward, launch_forward
+from .triton_kernels import boundary_slots, launch_backward, launch_forward
 
 # Triton 3.6 (the GPU image) calls the CTA-wide barrier thread_barrier; 3.8 renamed it.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -122,7 +117,7 @@ def _rcp(x):
 def _softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), the log1p as 2 atanh(s) with
     s = e / (2 + e) <= 1/3: an odd series whose terms past s^11 are below fp32's rounding
-    (the same formula as selective_scan_triton._softplus)."""
+    (the same formula as triton_kernels._softplus)."""
     e = gl.exp2(-gl.abs(x) * _LOG2E)
     s = e * _rcp(2.0 + e)
     s2 = s * s
@@ -474,7 +469,7 @@ def _configs(candidates):
     return [triton.Config({"BLOCK_L": block_l}, num_warps=warps) for block_l, warps in candidates]
 
 
-# Every candidate compiles for sm_90a without spills in both directions (scripts/kernel_stats.py;
+# Every candidate compiles for sm_90a without spills in both directions (tools/kernel_stats.py;
 # tests/test_selective_scan_gluon.py checks it, at ~9 s of CPU per candidate and direction,
 # whence no more candidates than these). Left out: the forward's 32-token chunks (8.6
 # instructions per element, but 254 registers in reverse); the backward's 16-token chunks
@@ -517,11 +512,3 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     return launch_backward(_scan_bwd, _channels_per_program, _block_n(A.shape[1]),
                            _boundary_slots(u.shape[2]), u, delta, A, B, C, D, z, delta_bias,
                            dout, delta_softplus, reverse)
-
-
-def selective_scan_gluon(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                         delta_softplus=True, reverse=False):
-    """Selective scan with the Gluon forward/backward kernels, under autograd (the scan
-    benchmark and the tests call it; the model reaches the kernels through mixer_ops)."""
-    return KernelScan.apply((scan_forward, scan_backward), u, delta, A, B, C, D, z, delta_bias,
-                            delta_softplus, reverse)

@@ -1,6 +1,6 @@
 """The mixer's path of one scan direction as a ``torch.library`` custom op, for every backend.
 
-One direction of the bidirectional mixer (``models_mambar.BiMambaMixer``, whose reference path
+One direction of the bidirectional mixer (``vision_mamba.BiMambaMixer``, whose reference path
 spells out the same math) computes, from x and z (the two halves of in_proj's output):
 
     u      = SiLU(causal depthwise conv(x))          (anti-causal for the backward direction)
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selective_scan import (causal_conv1d_silu, compiled_cpu_scan_available, load_causal_conv1d,
-                            scan_kernels)
+from . import compiled_cpu_scan_available, scan_kernels
+from .cuda_kernels import causal_conv1d_silu, load_causal_conv1d
 
 # Profiler ranges, so that benchmark.py can tell the scan's time from the rest of the op's.
 SCAN_RANGE = "mambar.selective_scan"
@@ -93,7 +93,7 @@ def conv_kernels(backend: str, x: Tensor) -> Tuple[Callable, Callable]:
         return causal_conv1d_silu, conv_silu_backward
     if (backend == "torch" and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.float64) and compiled_cpu_scan_available()):
-        module = importlib.import_module("selective_scan_cpu")
+        module = importlib.import_module(".cpu_numba", __package__)
         return module.conv_silu_forward, module.conv_silu_backward
     return conv_silu, conv_silu_backward
 

@@ -1,7 +1,7 @@
 """Fused Triton kernels for the Mamba-1 selective scan (forward and backward).
 
-Computes exactly what ``selective_scan.selective_scan_reference`` computes (see that module
-for the math and argument layout): u, delta, z of shape (batch, E, L); A (E, N); B, C
+Computes exactly what ``selective_scan.selective_scan_reference`` computes (see the package's
+interface for the math and argument layout): u, delta, z of shape (batch, E, L); A (E, N); B, C
 (batch, N, L); D, delta_bias (E,). All arithmetic and the scan state are fp32 whatever the
 input dtype; outputs and gradients come back in their inputs' dtypes.
 
@@ -39,21 +39,17 @@ Design, and why:
   scan whose operator keeps the previous element (``_shift``: renaming once compiled), so
   the backward takes two exponentials per state element (boundary pass, recompute), not
   three; the later chunk's exp(delta A) g at its first token is carried in registers.
-* Where this design stands (``scripts/kernel_stats.py``, Mamba-B call, sm_90a, Triton 3.8):
-  best forward + best backward candidate 64.2 instructions and 3.72 MUFU per state
-  element, against issue 12's targets of 30 and 2.5. What stands between: the boundary
-  pass (an exponential and ~4 instructions per element) exists because registers cannot
-  hold a chunk long enough for forward-saved boundary states to fit the memory budget
-  (the adjoint needs two values per element: decay and state), and the sums over the
-  channels for dB and dC are warp shuffles. All states of a channel in one thread, with
-  the batch on the lanes, was tried: the per-thread B and C tiles and the two values per
-  element need more than 255 registers even at 2-token chunks, and it spills.
+* Why the backward has its boundary pass: registers cannot hold a chunk long enough for
+  boundary states saved by the forward to fit the memory budget (the adjoint needs two values
+  per element, decay and state). All states of a channel in one thread, with the batch on
+  the lanes, was tried: the per-thread B and C tiles and the two values per element need
+  more than 255 registers even at 2-token chunks, and it spills.
 * Reductions before atomics: dB/dC are summed over the program's channel block, and dA, dD
   and d(delta_bias) over the program's whole sequence, before one fp32 atomic add each.
 * Block sizes: BLOCK_L, BLOCK_E, N_LANES and num_warps are autotuned per (E, N, L) on the
   GPU, each kernel on its own (longer chunks: less per-chunk overhead; shorter: fewer
   registers, more warps per SM). Every candidate compiles for sm_90a without spills, in
-  both directions (``scripts/kernel_stats.py`` shows the figures; CPU tests check them).
+  both directions (``tools/kernel_stats.py`` shows the figures; CPU tests check them).
   The forward's candidates include all 16 states of a channel in one thread (no shuffles
   for the sums over states, the per-token work done once per channel). Under
   TRITON_INTERPRET=1 (CPU tests) one small config is used and tensors stay on the CPU.
@@ -435,7 +431,7 @@ def _boundary_slots(L: int) -> int:
 
 def launch_forward(kernel, channels_per_program, block_n, u, delta, A, B, C, D, z, delta_bias,
                    delta_softplus, reverse):
-    """Run a forward scan kernel with this module's arguments (``selective_scan_gluon`` shares
+    """Run a forward scan kernel with this module's arguments (``gluon_kernels`` shares
     them): one program per (``channels_per_program(meta)`` channels, image). Returns the
     output (B, E, L) in u's dtype; nothing is kept."""
     batch, E, L = u.shape
@@ -516,26 +512,3 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     return launch_backward(_scan_bwd_kernel, _channels_per_program,
                            triton.next_power_of_2(A.shape[1]), _boundary_slots(u.shape[2]),
                            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
-
-
-class KernelScan(torch.autograd.Function):
-    """A (forward, backward) pair of scan kernels under autograd (this module's, or
-    ``selective_scan_gluon``'s): keeps only the inputs for the backward, whose kernel
-    recomputes what it needs."""
-
-    @staticmethod
-    def forward(ctx, kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-        ctx.backward_kernel, ctx.flags = kernels[1], (bool(delta_softplus), bool(reverse))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        return kernels[0](u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return (None, *ctx.backward_kernel(*ctx.saved_tensors, dout, *ctx.flags), None, None)
-
-
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                          delta_softplus=True, reverse=False):
-    """Selective scan with fused Triton forward/backward kernels (see module docstring)."""
-    return KernelScan.apply((scan_forward, scan_backward), u, delta, A, B, C, D, z, delta_bias,
-                            delta_softplus, reverse)

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import main
-from tiny_data import make_image_folder
+from helpers import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "mambar_tiny_patch16_224"

@@ -17,19 +17,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import benchmark  # noqa: E402
+from helpers import check_row  # noqa: E402
 from selective_scan import selective_scan_reference  # noqa: E402
 
 TINY = ["--device", "cpu", "--model", "mambar_tiny_patch16_224", "--input-size", "32",
         "--batch", "2", "--warmup", "0", "--iters", "1", "--threads", "1"]
-POSITIVE = ("img_per_s", "step_s", "first_step_s", "peak_mem_mb", "gflops_per_img",
-            "tflops_per_s", "params", "tokens")
-
-
-def check_row(row):
-    assert "error" not in row, row["error"]
-    for field in POSITIVE:
-        assert row[field] > 0, (field, row)
-    assert row["flops"]["total"] > row["flops"]["matmul"] > 0
 
 
 def test_cli_tiny_infer_and_train_with_deit(tmp_path):
@@ -57,7 +49,7 @@ def test_cli_tiny_infer_and_train_with_deit(tmp_path):
     assert 0 < profile["recompute_ms"] < profile["scan_ms"]
     assert "u, delta redone ms" in proc.stdout
     # The GPU run's summary reads these files: what it says of this one.
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    sys.path.insert(0, os.path.join(REPO, "tools"))
     from gpu_checks_report import summarise
     lines = summarise(str(tmp_path))
     assert lines[0] == "bench_tiny.json: 4 rows, 0 errors"
@@ -122,7 +114,7 @@ def fake_row(model, backend, size, batch, img_per_s, peak_mem_mb, device="cuda",
                 gflops_per_img=20.0, tflops_per_s=1.0)
 
 
-def test_targets_of_issues_2_5_and_16():
+def test_targets_of_the_cpu_scan_and_the_gpu_step():
     mb, db = "mambar_base_patch16_224", "deit_base_patch16_224"
     rows = [fake_row(mb, "triton", 224, 128, 1100, 16000),
             fake_row(db, "sdpa", 224, 128, 2000, 9000),
@@ -132,18 +124,21 @@ def test_targets_of_issues_2_5_and_16():
     for backend, speed, mem in (("torch", 2.0, 1500), ("mambapy", 0.3, 6000)):
         rows += [fake_row(tiny, backend, 224, 8, speed, mem, "cpu", "train", "fp32"),
                  fake_row(tiny, backend, 224, 8, 3 * speed, mem, "cpu", "infer", "fp32")]
-    got = {(t["issue"], t["name"]): (t["value"], t["ok"]) for t in benchmark.check_targets(rows)}
-    assert got[(5, "Mamba-B triton img/s (224 px, batch 128)")] == (1100, True)
-    assert got[(5, "Mamba-B peak training memory, GB")] == (round(16000 * 2**20 / 1e9, 3), True)
-    assert got[(5, "Mamba-B / DeiT-B img/s (224 px)")] == (0.55, True)
-    assert got[(5, "Mamba-B / DeiT-B img/s (512 px, batch 32)")] == (1.2, True)
-    assert got[(5, "Mamba-B / DeiT-B img/s (1024 px, batch 8)")] == (0.8, False)
-    assert got[(2, "train speedup over the mambapy scan")] == (round(2 / 0.3, 3), True)
-    assert got[(2, "infer speedup over the mambapy scan")][1] is True
-    assert got[(2, "train peak RSS, MiB (mambapy: 6000)")] == (1500, True)
-    # Issue 16 wants 10x in both modes, where issue 2's 5x passes: 6.7x fails here.
-    assert got[(16, "train speedup over the mambapy scan")] == (round(2 / 0.3, 3), False)
-    assert got[(16, "infer speedup over the mambapy scan")] == (round(6 / 0.9, 3), False)
+    got = {(t["topic"], t["name"], t["target"]): (t["value"], t["ok"])
+           for t in benchmark.check_targets(rows)}
+    assert got[("GPU", "Mamba-B triton img/s (224 px, batch 128)", ">= 1000")] == (1100, True)
+    assert got[("GPU", "Mamba-B peak training memory, GB", "<= 17")] == (
+        round(16000 * 2**20 / 1e9, 3), True)
+    assert got[("GPU", "Mamba-B / DeiT-B img/s (224 px)", ">= 0.45")] == (0.55, True)
+    assert got[("GPU", "Mamba-B / DeiT-B img/s (512 px, batch 32)", "> 1")] == (1.2, True)
+    assert got[("GPU", "Mamba-B / DeiT-B img/s (1024 px, batch 8)", "> 1")] == (0.8, False)
+    speedup = "speedup over the mambapy scan"
+    assert got[("CPU", f"train {speedup}", ">= 5x")] == (round(2 / 0.3, 3), True)
+    assert got[("CPU", f"infer {speedup}", ">= 3x")][1] is True
+    assert got[("CPU", "train peak RSS, MiB (mambapy: 6000)", "<= mambapy's")] == (1500, True)
+    # The goal is 10x in both modes, where the floors pass: 6.7x fails here.
+    assert got[("CPU", f"train {speedup}", ">= 10x")] == (round(2 / 0.3, 3), False)
+    assert got[("CPU", f"infer {speedup}", ">= 10x")] == (round(6 / 0.9, 3), False)
     report = benchmark.report({"device_name": "x", "torch": "t", "cuda": None, "timm": "t",
                                "triton": None, "mambapy": None, "python": "3", "threads": None,
                                "date": "d", "git_commit": None, "command": "c"},
@@ -226,14 +221,14 @@ def test_triton_autotune_choices_name_each_kernel_and_key(monkeypatch):
     gluon = types.SimpleNamespace(
         _scan_fwd=types.SimpleNamespace(cache={(384, 16, 208, "torch.bfloat16"): "C"}),
         _scan_bwd=types.SimpleNamespace(cache={}))
-    monkeypatch.setitem(sys.modules, "selective_scan_triton", fake)
-    monkeypatch.setitem(sys.modules, "selective_scan_gluon", gluon)
+    monkeypatch.setitem(sys.modules, "selective_scan.triton_kernels", fake)
+    monkeypatch.setitem(sys.modules, "selective_scan.gluon_kernels", gluon)
     assert benchmark.triton_autotune_choices() == {
         "_scan_fwd_kernel (384, 16, 208, 'torch.bfloat16')": "A",
         "_scan_bwd_kernel (384, 16, 208, 'torch.bfloat16')": "B",
         "gluon._scan_fwd (384, 16, 208, 'torch.bfloat16')": "C"}
-    monkeypatch.delitem(sys.modules, "selective_scan_triton")
-    monkeypatch.delitem(sys.modules, "selective_scan_gluon")
+    monkeypatch.delitem(sys.modules, "selective_scan.triton_kernels")
+    monkeypatch.delitem(sys.modules, "selective_scan.gluon_kernels")
     assert benchmark.triton_autotune_choices() == {}
 
 

@@ -1,4 +1,4 @@
-"""benchmark.py's mambapy baseline (issue 2): mambapy's scan against the oracle, and the
+"""benchmark.py's mambapy baseline: mambapy's scan against the oracle, and the
 ``mambapy`` backend routed into the model. mambapy is a benchmark-only dependency
 (requirements-bench.txt), not part of the Quick start install: CI runs the main suite without
 it and this file in a step of its own after installing it (.ci/run). Elsewhere, without
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import benchmark
+from helpers import check_row
 from selective_scan import selective_scan_reference
-from test_benchmark import check_row
 
 pytest.importorskip("mambapy", reason="benchmark-only dependency: pip install -r "
                                       "requirements-bench.txt")

@@ -14,9 +14,9 @@ import torch
 
 import models_mambar  # noqa: F401  (registers the models)
 import models_vim  # noqa: F401
-import mixer_ops
 import selective_scan as ss
-from models_mambar import BiMambaMixer
+from selective_scan import cuda_kernels, mixer_op
+from vision_mamba import BiMambaMixer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,7 +34,7 @@ TOL = {
 def needs_kernels():
     if not ss.cuda_kernels_available():
         pytest.skip("mamba-ssm kernels not installed (pip install -r requirements-cuda.txt)")
-    if ss.load_causal_conv1d() is None:
+    if cuda_kernels.load_causal_conv1d() is None:
         pytest.skip("causal-conv1d not installed")
 
 
@@ -121,15 +121,16 @@ def test_cuda_backend_calls_both_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    real_kernels = mixer_ops.scan_kernels
+    real_kernels = mixer_op.scan_kernels
 
     def kernels(backend, device):
         forward, backward = real_kernels(backend, device)
-        assert forward is ss._cuda_scan_forward
+        assert forward is cuda_kernels.scan_forward
         return counted("scan", forward), backward
 
-    monkeypatch.setattr(mixer_ops, "scan_kernels", kernels)
-    monkeypatch.setattr(mixer_ops, "causal_conv1d_silu", counted("conv", ss.causal_conv1d_silu))
+    monkeypatch.setattr(mixer_op, "scan_kernels", kernels)
+    monkeypatch.setattr(mixer_op, "causal_conv1d_silu",
+                        counted("conv", cuda_kernels.causal_conv1d_silu))
     mixer = BiMambaMixer(64, scan_backend="cuda").cuda()
     with torch.no_grad():
         mixer(torch.randn(1, 33, 64, device="cuda"))

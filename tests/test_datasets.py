@@ -7,7 +7,7 @@ from PIL import Image
 import main
 from augment import build_transform
 from datasets import Digits, UnreadableImageError, build_dataset
-from tiny_data import make_image_folder
+from helpers import make_image_folder
 from utils import UserError
 
 

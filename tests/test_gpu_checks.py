@@ -1,4 +1,4 @@
-"""scripts/gpu_checks.sh and its Python part (scripts/gpu_checks_report.py), on the CPU: the
+"""tools/gpu_checks.sh and its Python part (tools/gpu_checks_report.py), on the CPU: the
 generated image folder, the summary's reading of benchmark JSON files, and the script's own
 flow when its time budget runs out (GPU time is scarce: a broken script must show here)."""
 import json
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "tools"))
 import gpu_checks_report as report  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def test_image_folder_has_every_split_class_and_image(tmp_path):
 
 
 def test_images_command_rejects_an_empty_data_set(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/gpu_checks_report.py", "images",
+    done = subprocess.run([sys.executable, "tools/gpu_checks_report.py", "images",
                            str(tmp_path / "x"), "2", "0", "1"], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode == 2
@@ -50,16 +50,16 @@ def test_summary_reads_targets_choices_and_scan_shares(tmp_path):
                             "top_kernels": [["_scan_bwd_kernel", 12.25, 48]]}}
     (tmp_path / "bench_224.json").write_text(json.dumps({
         "results": [row, {"model": "deit_base_patch16_224", "error": "OOM"}],
-        "targets": [{"issue": 5, "name": "Mamba-B train img/s", "value": 812.5,
+        "targets": [{"topic": "GPU", "name": "Mamba-B train img/s", "value": 812.5,
                      "target": ">= 1000", "ok": False},
-                    {"issue": 5, "name": "peak GB", "value": 12.1, "target": "<= 17",
+                    {"topic": "GPU", "name": "peak GB", "value": 12.1, "target": "<= 17",
                      "ok": True}]}))
     (tmp_path / "bench_cut.json").write_text('{"results": [')  # a run killed mid-write
     (tmp_path / "other.json").write_text("{}")                 # not a benchmark file
     assert report.summarise(str(tmp_path)) == [
         "bench_224.json: 2 rows, 1 errors",
-        "  issue 5: Mamba-B train img/s: 812.5 (target >= 1000) FAIL",
-        "  issue 5: peak GB: 12.1 (target <= 17) PASS",
+        "  GPU: Mamba-B train img/s: 812.5 (target >= 1000) FAIL",
+        "  GPU: peak GB: 12.1 (target <= 17) PASS",
         "  triton mambar_base_patch16_224 224px b128: _scan_fwd_kernel (1536, 16, 208): "
         "BLOCK_L: 16, num_warps: 4",
         "  scan share mambar_base_patch16_224 triton 224px b128: 45.7% (cuda time; u, delta "
@@ -108,7 +108,7 @@ def run_smoke(tmp_path, **env) -> str:
     under ``tmp_path``; the summary it wrote."""
     env = dict(os.environ, OUT=str(tmp_path / "out"), GPU_CHECKS_SMOKE="1",
                PYTHON=sys.executable, TMPDIR=str(tmp_path), **env)
-    done = subprocess.run(["bash", "scripts/gpu_checks.sh"], cwd=REPO, env=env,
+    done = subprocess.run(["bash", "tools/gpu_checks.sh"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return (tmp_path / "out" / "summary.txt").read_text()

@@ -14,13 +14,13 @@ from PIL import Image
 from torchvision import transforms
 
 import main
-from tiny_data import make_image_folder
+from helpers import make_image_folder
 from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "mambar_tiny_patch16_224"
 
-# The README's commands (issue 3), as published but for paths, model, batch and epochs.
+# The README's commands, as published but for paths, model, batch and epochs.
 STAGES = [
     "--model {model} --batch {batch} --lr 5e-4 --weight-decay 0.05 --data-path {data} "
     "--output_dir {out}/pt --reprob 0.0 --smoothing 0.0 --repeated-aug --ThreeAugment "

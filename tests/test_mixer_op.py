@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mixer_ops
 import selective_scan as ss
-from test_selective_scan import fake_causal_conv1d, fake_cuda_extension
+from helpers import fake_causal_conv1d, fake_cuda_extension, triton_interpreted
+from selective_scan import cuda_kernels, mixer_op
 
 E, N, R, K = 12, 4, 2, 4          # channels, states, dt rank, conv width
 PARAMS = ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias",
@@ -60,27 +60,19 @@ def spec_direction(x, z, p, reverse):
 
 def run_op(xz, params, reverse, backend):
     x, z = split_xz(xz)
-    return mixer_ops.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend,
-                                   mixer_ops.channel_minor_output(backend, x))
+    return mixer_op.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend,
+                                   mixer_op.channel_minor_output(backend, x))
 
 
 def grads_of(out, xz, params, g):
     return torch.autograd.grad(out, [xz, *params.values()], g)
 
 
-def triton_interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        import triton.language as tl
-    except ImportError:
-        return False
-    return isinstance(tl.standard.zeros, InterpretedFunction)
-
-
 # What the ``torch`` backend runs on the CPU (compiled with Numba, or the PyTorch loop without
 # it), mamba-ssm's kernels with the oracle standing in, and the Triton kernels (plain and
 # Gluon), interpreted.
-IMPLS = ["compiled", "loop", "cuda", "triton", "gluon"]
+IMPLS = ["compiled", "loop", "cuda", pytest.param("triton", marks=pytest.mark.kernels),
+         pytest.param("gluon", marks=pytest.mark.kernels)]
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -93,12 +85,13 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl, rev
     elif impl == "cuda":
         # The stand-in gates in fp32, as the kernel does.
         backend, tol = "cuda", dict(rtol=1e-5, atol=1e-6)
-        monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension(calls))
+        monkeypatch.setattr(cuda_kernels, "load_scan_extension",
+                            lambda: fake_cuda_extension(calls))
 
         def conv(*args, **kwargs):
             calls.append("conv")
             return fake_causal_conv1d(*args, **kwargs)
-        for module in (ss, mixer_ops):
+        for module in (cuda_kernels, mixer_op):
             monkeypatch.setattr(module, "load_causal_conv1d", lambda: conv)
     elif impl in ("triton", "gluon"):
         if not triton_interpreted():
@@ -107,14 +100,13 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl, rev
         if impl == "gluon":
             pytest.importorskip("triton.experimental.gluon")
             import triton
-            import selective_scan_gluon
             from gluon_interpreter import interpreted
+            from selective_scan import gluon_kernels
             # The triton backend's choice on an sm_90+ GPU, with one candidate per kernel.
-            monkeypatch.setattr(ss, "_triton_kernels_module",
-                                lambda device: "selective_scan_gluon")
+            monkeypatch.setattr(ss, "_triton_kernels_module", lambda device: ".gluon_kernels")
             stack = contextlib.ExitStack()
             request.addfinalizer(stack.close)
-            stack.enter_context(interpreted(selective_scan_gluon, {
+            stack.enter_context(interpreted(gluon_kernels, {
                 "_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=1),
                 "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=1)}))
     xz, params = make_direction(length=21, dtype=dtype)
@@ -154,12 +146,12 @@ def test_op_registration_passes_torch_library_opcheck():
     xz, params = make_direction(dtype=torch.float32)
     x, z = split_xz(xz)
     for reverse, channel_minor in ((False, False), (True, False), (False, True)):
-        torch.library.opcheck(mixer_ops.ssm_direction,
+        torch.library.opcheck(mixer_op.ssm_direction,
                               (x, z, *(params[k] for k in PARAMS), reverse, "torch",
                                channel_minor))
     with torch.no_grad():
         dout = torch.randn(x.shape)
-    torch.library.opcheck(mixer_ops.ssm_direction_backward,
+    torch.library.opcheck(mixer_op.ssm_direction_backward,
                           (dout, x.detach(), z.detach(),
                            *(params[k].detach() for k in PARAMS), True, "torch"))
 
@@ -198,7 +190,7 @@ def spec_conv_silu(x, weight, bias, reverse):
 def test_compiled_conv_matches_the_spec_with_every_gradient(dtype, length, reverse):
     """The Numba conv + SiLU the ``torch`` backend runs on the CPU: lengths shorter than the
     conv, 70 channels (a whole block of 64 and a padded one), x a channel-minor view."""
-    import selective_scan_cpu
+    from selective_scan import cpu_numba
     gen = torch.Generator().manual_seed(length)
     channels = 70
     xz = torch.randn(3, length, 2 * channels, generator=gen, dtype=torch.float64).to(dtype)
@@ -210,14 +202,13 @@ def test_compiled_conv_matches_the_spec_with_every_gradient(dtype, length, rever
     du = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(dtype)
     want_grads = torch.autograd.grad(want, (x, weight, bias), du)
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    got = selective_scan_cpu.conv_silu_forward(x.detach(), weight.detach(), bias.detach(),
-                                               reverse)
+    got = cpu_numba.conv_silu_forward(x.detach(), weight.detach(), bias.detach(), reverse)
     # u comes out channel-minor, the layout the projections and the scan read fastest.
     assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(got, want, **tol)
     for du_layout in (du, du.transpose(1, 2).contiguous().transpose(1, 2)):
-        got_grads = selective_scan_cpu.conv_silu_backward(du_layout, x.detach(), weight.detach(),
-                                                          bias.detach(), reverse)
+        got_grads = cpu_numba.conv_silu_backward(du_layout, x.detach(), weight.detach(),
+                                                 bias.detach(), reverse)
         for name, a, b in zip(("x", "weight", "bias"), got_grads, want_grads):
             assert a.shape == b.shape and a.dtype == dtype
             torch.testing.assert_close(a, b, **tol, msg=f"gradient of {name}")
@@ -227,16 +218,16 @@ def test_compiled_conv_matches_the_spec_with_every_gradient(dtype, length, rever
 def test_cpu_conv_is_the_compiled_one_where_it_applies(monkeypatch):
     """The ``torch`` backend on fp32/fp64 CPU tensors runs the Numba conv; bf16 (no Numba
     type) and a machine without the compiled scan run PyTorch's."""
-    import selective_scan_cpu
+    from selective_scan import cpu_numba
     x = torch.zeros(1, 2, 3)
     for dtype in (torch.float32, torch.float64):
-        assert mixer_ops.conv_kernels("torch", x.to(dtype)) == (
-            selective_scan_cpu.conv_silu_forward, selective_scan_cpu.conv_silu_backward)
-    pytorch_pair = (mixer_ops.conv_silu, mixer_ops.conv_silu_backward)
-    assert mixer_ops.conv_kernels("torch", x.bfloat16()) == pytorch_pair
-    assert mixer_ops.conv_kernels("triton", x) == pytorch_pair
+        assert mixer_op.conv_kernels("torch", x.to(dtype)) == (
+            cpu_numba.conv_silu_forward, cpu_numba.conv_silu_backward)
+    pytorch_pair = (mixer_op.conv_silu, mixer_op.conv_silu_backward)
+    assert mixer_op.conv_kernels("torch", x.bfloat16()) == pytorch_pair
+    assert mixer_op.conv_kernels("triton", x) == pytorch_pair
     monkeypatch.setattr(ss, "_load_cpu_scan", lambda: None)
-    assert mixer_ops.conv_kernels("torch", x) == pytorch_pair
+    assert mixer_op.conv_kernels("torch", x) == pytorch_pair
 
 
 @pytest.mark.parametrize("channel_minor", [False, True], ids=["channels-first", "channel-minor"])
@@ -249,8 +240,8 @@ def test_projections_keep_the_layout_they_are_given(channel_minor):
     x = layout(torch.randn(3, 5, 7, generator=gen, dtype=torch.float64))
     dout = layout(torch.randn(3, 4, 7, generator=gen, dtype=torch.float64))
     weight = torch.randn(4, 5, generator=gen, dtype=torch.float64)
-    got = mixer_ops.channel_matmul(weight, x)
+    got = mixer_op.channel_matmul(weight, x)
     torch.testing.assert_close(got, torch.einsum("oi,bil->bol", weight, x))
     assert got.transpose(1, 2).is_contiguous() == channel_minor
-    torch.testing.assert_close(mixer_ops._weight_grad(dout, x),
+    torch.testing.assert_close(mixer_op._weight_grad(dout, x),
                                torch.einsum("bol,bil->oi", dout, x))

@@ -1,7 +1,6 @@
 """Mamba®: checkpoint layout, token layout, the mixer's math, init, and training sanity."""
 import json
 import math
-import os
 import pathlib
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import models_mambar as mm
-from selective_scan import selective_scan_reference
+import vision_mamba as vm
+from helpers import reference_mixer
 
 # A copy of the spec's official_state_dict_layout.json: the released checkpoints' keys and shapes.
 LAYOUT = pathlib.Path(__file__).resolve().parent / "data" / "official_state_dict_layout.json"
@@ -40,53 +40,6 @@ def test_layout_matches_released_checkpoints(name):
     assert sorted(shapes) == sorted(layout)
     assert shapes == layout
     assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
-
-
-def test_released_format_loads_strict(tmp_path):
-    src = small_model()
-    path = tmp_path / "released.pth"
-    torch.save({"model": src.state_dict()}, path)
-    dst = small_model()
-    mm.load_checkpoint(dst, str(path), strict=True)
-    for key, value in src.state_dict().items():
-        assert torch.equal(dst.state_dict()[key], value), key
-    bare = tmp_path / "bare.pth"
-    torch.save(src.state_dict(), bare)
-    assert set(mm.load_state_dict_file(str(bare))) == set(src.state_dict())
-
-
-def test_loader_names_bad_keys(tmp_path):
-    state = small_model().state_dict()
-    state["extra.weight"] = torch.zeros(1)
-    del state["norm_f.weight"]
-    state["head.weight"] = torch.zeros(7, state["head.weight"].shape[1])
-    path = tmp_path / "bad.pth"
-    torch.save({"model": state}, path)
-    with pytest.raises(mm.CheckpointError) as err:
-        mm.load_checkpoint(small_model(), str(path))
-    message = str(err.value)
-    assert "norm_f.weight" in message and "extra.weight" in message
-    assert "head.weight: checkpoint (7, 64) vs model (5, 64)" in message
-
-
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_loader_refuses_pickled_code_and_corrupt_files(tmp_path):
-    evil = tmp_path / "evil.pth"
-    torch.save({"model": _Payload()}, evil)
-    with pytest.raises(mm.CheckpointError, match="refusing to load .*evil.pth"):
-        mm.load_state_dict_file(str(evil))
-    good = tmp_path / "good.pth"
-    torch.save({"model": small_model().state_dict()}, good)
-    truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(good.read_bytes()[:200])
-    with pytest.raises(mm.CheckpointError, match="corrupt or truncated"):
-        mm.load_state_dict_file(str(truncated))
-    with pytest.raises(mm.CheckpointError, match="not found"):
-        mm.load_state_dict_file(str(tmp_path / "missing.pth"))
 
 
 @pytest.mark.parametrize("img_size,expected", [
@@ -149,31 +102,10 @@ def test_wrong_input_size_is_a_clear_error():
         timm.create_model("mambar_tiny_patch16_224", img_size=100)
 
 
-def reference_mixer(mixer, hidden):
-    """The mixer written from the spec: two oracle scans, the backward one on flipped copies."""
-    e = mixer.d_inner
-    xz = hidden @ mixer.in_proj.weight.T
-    x, z = xz[..., :e].transpose(1, 2), xz[..., e:].transpose(1, 2)
-
-    def direction(x, z, conv, x_proj, dt_proj, a_log, d):
-        length = x.shape[-1]
-        u = F.silu(F.conv1d(F.pad(x, (3, 0)), conv.weight, conv.bias, groups=e)[..., :length])
-        dbl = u.transpose(1, 2) @ x_proj.weight.T
-        dt, b, c = dbl.split([mixer.dt_rank, 16, 16], -1)
-        delta = (dt @ dt_proj.weight.T).transpose(1, 2)
-        return selective_scan_reference(u, delta, -torch.exp(a_log), b.transpose(1, 2),
-                                         c.transpose(1, 2), d, z, dt_proj.bias)
-
-    fwd = direction(x, z, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
-    bwd = direction(x.flip(-1), z.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b,
-                    mixer.A_b_log, mixer.D_b).flip(-1)
-    return ((fwd + bwd) / 2).transpose(1, 2) @ mixer.out_proj.weight.T
-
-
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_mixer_matches_two_flipped_oracle_scans(backend):
     torch.manual_seed(0)
-    mixer = mm.BiMambaMixer(24, scan_backend=backend)
+    mixer = vm.BiMambaMixer(24, scan_backend=backend)
     with torch.no_grad():  # make the backward direction's parameters differ visibly
         for p in mixer.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -195,7 +127,7 @@ def test_block_keeps_only_what_its_backward_cannot_cheaply_redo():
     RMSNorm's rstd. Not u, delta, the conv pre-activation or the low-rank projection of either
     direction, which the op redoes in its backward (those added about 18D floats per token)."""
     dim, length = 32, 16
-    block = mm.Block(dim, scan_backend="torch")
+    block = vm.Block(dim, scan_backend="torch")
 
     def kept_bytes(batch):
         storages = {}
@@ -299,7 +231,7 @@ def test_small_model_overfits_one_batch():
 
 
 def test_rmsnorm_formula_and_dtype():
-    norm = mm.RMSNorm(8)
+    norm = vm.RMSNorm(8)
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
     x = torch.randn(3, 5, 8)
@@ -409,7 +341,7 @@ def test_forward_composes_and_reset_classifier_keeps_a_loaded_neck(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": src.state_dict()}, path)
     model = small_model().eval()
-    mm.load_checkpoint(model, str(path))
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = model.forward_features(x)
@@ -657,10 +589,10 @@ def compile_case(monkeypatch, backend):
     model would refuse outside tests."""
     size, batch = dict(depth=2, embed_dim=32), 2
     if backend == "triton":
-        from test_mixer_ops import triton_interpreted
+        from helpers import triton_interpreted
         if not triton_interpreted():
             pytest.skip("Triton is not running in its interpreter here")
-        monkeypatch.setattr(mm, "resolve_backend", lambda name, device: "triton")
+        monkeypatch.setattr(vm, "resolve_backend", lambda name, device: "triton")
         size, batch = dict(depth=1, embed_dim=8), 1
     torch.manual_seed(0)
     model = small_model(drop_path_rate=0.1, scan_backend=backend, **size)
@@ -673,7 +605,7 @@ def train_step(model, x, y):
     return loss.detach()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.kernels)])
 def test_torch_compile_sees_no_graph_breaks(monkeypatch, backend):
     """The forward, and a training step (forward, loss, backward, traced with Dynamo's
     autograd-op tracing), each one graph: the mixer's work is a custom op, nothing in the model

@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import models_mambar as mm
+import checkpoints
 import models_vim as mv
 
 # A copy of the spec's vim_state_dict_layout.json: Vim's released checkpoints' keys and shapes.
@@ -131,7 +131,7 @@ def test_released_format_loads_strict(tmp_path):
     path = tmp_path / "vim_t_midclstok.pth"
     torch.save({"model": src.state_dict()}, path)
     dst = small_vim(num_classes=10)
-    mm.load_checkpoint(dst, str(path), strict=True)
+    checkpoints.load_weights(dst, str(path), strict=True)
     for key, value in src.state_dict().items():
         assert torch.equal(dst.state_dict()[key], value), key
     dst.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)

@@ -1,8 +1,9 @@
 """What main.py builds from each stage's command of the recipe (scripts/mambar_*.sh, dry run):
 the optimizer's parameter groups and hyper-parameters, the learning rate of every epoch, the
 EMA, mixup / cutmix / label smoothing, the training transforms and the criterion. Each is
-checked against the recipe's numbers written out here (../shared/spec/MAMBAR.md, "Training
-recipe" and "Weight decay"), not against what our code computes. Nothing trains: main.run is
+checked against the recipe's numbers written out here (the authors' published Base commands,
+their Adventurer recipe for the other sizes, and the official code's weight decay), not
+against what our code computes. Nothing trains: main.run is
 stopped where training would start, and the model is Tiny at 32 px on DIGITS (no download)."""
 import math
 import shlex

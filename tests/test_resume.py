@@ -16,11 +16,11 @@ from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, TensorDataset
 
+import checkpoints
 import main
-import utils
 from engine import NonFiniteBudget, train_one_epoch
 from losses import DistillationLoss
-from tiny_data import make_image_folder
+from helpers import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,7 @@ def test_a_checkpoint_restores_every_part_of_the_uninterrupted_state(stop_at, tm
     at_checkpoint = snapshot(uninterrupted)
     assert at_checkpoint["scaler"]["scale"] > 2.0 ** 4  # the scaler has moved
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint(main.make_checkpoint(interrupted, 1, stop_at, args), str(path))
+    checkpoints.save_checkpoint(main.make_checkpoint(interrupted, 1, stop_at, args), str(path))
 
     resumed = toy_state(args)
     assert main.resume(str(path), resumed, args) == ((1, stop_at) if stop_at else (2, 0))

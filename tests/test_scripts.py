@@ -16,8 +16,8 @@ SCRIPTS = REPO / "scripts"
 SIZES = ("tiny", "small", "base", "large")
 HF = "https://huggingface.co/Wangf3014/Mamba-Reg/resolve/main"
 
-# The recipe per size and stage (../shared/spec/MAMBAR.md "Training recipe"; Base = the
-# published commands, the others as their script headers explain).
+# The recipe per size and stage (Base = the authors' published commands, the others as their
+# script headers explain).
 # stage: (input, epochs, per-GPU batch on one 8-GPU node, accum there, global batch, lr,
 #         weight decay, drop path)
 RECIPES = {

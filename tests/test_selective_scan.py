@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import mixer_ops
 import selective_scan as ss
-import selective_scan_cpu as ssc
+from helpers import fake_causal_conv1d, fake_cuda_extension
+from selective_scan import cpu_numba as ssc
+from selective_scan import cuda_kernels, loop, mixer_op
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -49,7 +50,8 @@ def run_with_grads(scan, args, reverse, out_grad=None):
 
 # The two CPU implementations behind the ``torch`` backend: the compiled scan (what it runs
 # on CPU tensors when Numba imports) and the PyTorch loop (without Numba, and off the CPU).
-CPU_SCANS = {"compiled": ssc.selective_scan_cpu, "loop": ss.selective_scan_loop}
+compiled_scan = ss.kernel_scan(ssc.scan_forward, ssc.scan_backward)
+CPU_SCANS = {"compiled": compiled_scan, "loop": ss.selective_scan_loop}
 cpu_scans = pytest.mark.parametrize("impl", list(CPU_SCANS))
 
 
@@ -80,7 +82,7 @@ def test_torch_matches_reference_fp32(impl, reverse, optional):
 def test_compiled_odd_lengths_and_full_channel_blocks(length, reverse):
     """dim 40: two full blocks of 16 channels and a padded one; length 208: the model's."""
     args = make_inputs(batch=2, dim=40, state=16, length=length, seed=length)
-    assert_matches_reference(ssc.selective_scan_cpu, args, reverse, grad_rtol=2e-4,
+    assert_matches_reference(compiled_scan, args, reverse, grad_rtol=2e-4,
                              grad_atol=2e-5)
 
 
@@ -102,7 +104,7 @@ def test_compiled_strided_inputs(reverse):
     args = [channel_minor(u), channel_minor(delta), a_view, b_view, c_view, D,
             channel_minor(z), bias]
     assert not args[0].is_contiguous() and not b_view.is_contiguous()
-    assert_matches_reference(ssc.selective_scan_cpu, args, reverse)
+    assert_matches_reference(compiled_scan, args, reverse)
 
 
 @cpu_scans
@@ -136,7 +138,7 @@ def test_compiled_no_softplus_and_two_threads(reverse, dim):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            out = ssc.selective_scan_cpu(*args, delta_softplus=False, reverse=reverse)
+            out = compiled_scan(*args, delta_softplus=False, reverse=reverse)
             g = torch.ones_like(out)
             results.append((out, torch.autograd.grad(out, args, g)))
     finally:
@@ -166,7 +168,7 @@ def test_kernel_softplus_and_its_derivative():
 
 def _scan_in_child(queue):
     args = make_inputs(batch=2, dim=64, length=5)
-    queue.put(float(ssc.selective_scan_cpu(*args).detach().sum()))
+    queue.put(float(compiled_scan(*args).detach().sum()))
 
 
 def test_two_threads_work_in_a_forked_child():
@@ -177,7 +179,7 @@ def test_two_threads_work_in_a_forked_child():
     torch.set_num_threads(2)
     try:
         args = make_inputs(batch=2, dim=64, length=5)
-        want = float(ssc.selective_scan_cpu(*args).detach().sum())
+        want = float(compiled_scan(*args).detach().sum())
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
         child = ctx.Process(target=_scan_in_child, args=(queue,))
@@ -195,8 +197,8 @@ def test_mixer_end_to_end_compiled_against_loop(monkeypatch):
     """The model's mixer (its layouts: channel-minor z, B and C slices of one projection, a
     full 64-channel block) with the compiled scan against the same mixer on the loop."""
     torch.manual_seed(0)
-    import models_mambar as mm
-    mixer = mm.BiMambaMixer(32, scan_backend="torch")
+    import vision_mamba
+    mixer = vision_mamba.BiMambaMixer(32, scan_backend="torch")
     hidden = torch.randn(2, 13, 32, requires_grad=True)
     leaves = [hidden, *mixer.parameters()]
     calls = []
@@ -205,11 +207,11 @@ def test_mixer_end_to_end_compiled_against_loop(monkeypatch):
         assert backend == "torch"
         return (lambda *a: calls.append("fwd") or ssc.scan_forward(*a),
                 lambda *a: calls.append("bwd") or ssc.scan_backward(*a))
-    monkeypatch.setattr(mixer_ops, "scan_kernels", compiled)
+    monkeypatch.setattr(mixer_op, "scan_kernels", compiled)
     got = mixer(hidden)
     g_got = torch.autograd.grad(got.square().sum(), leaves)
-    monkeypatch.setattr(mixer_ops, "scan_kernels", lambda backend, device: (
-        ss.loop_scan_forward, ss.loop_scan_backward))
+    monkeypatch.setattr(mixer_op, "scan_kernels", lambda backend, device: (
+        loop.scan_forward, loop.scan_backward))
     want = mixer(hidden)
     g_want = torch.autograd.grad(want.square().sum(), leaves)
     assert calls == ["fwd", "fwd", "bwd", "bwd"]   # both directions ran compiled
@@ -250,7 +252,7 @@ def test_fast_softplus_matches_torch(dtype):
     x = torch.cat([torch.linspace(-120, 120, 2000), torch.randn(1000) * 4]).to(dtype)
     x = x.reshape(3, 1000, 1).permute(2, 0, 1)   # strided, as the scan passes delta
     want = torch.nn.functional.softplus(x)
-    got = ss._softplus(x)
+    got = loop._softplus(x)
     assert got.dtype == dtype
     tiny = torch.finfo(dtype).tiny
     rel = ((got - want).abs() / want.abs().clamp_min(tiny)).max().item()
@@ -313,7 +315,8 @@ def test_backend_resolution(monkeypatch):
 
 def test_torch_backend_runs_the_compiled_scan_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setattr(ss, "_load_cpu_scan", lambda: lambda *a: calls.append(a) or a[0])
+    monkeypatch.setattr(ss, "_load_cpu_scan", lambda: types.SimpleNamespace(
+        scan_forward=lambda *a: calls.append(a) or a[0], scan_backward=None))
     args = make_inputs()
     ss.selective_scan_torch(*args, True, False)
     assert len(calls) == 1
@@ -324,7 +327,7 @@ def test_torch_backend_runs_the_compiled_scan_on_cpu(monkeypatch):
     # import fails: the compiled scan must already be loaded by then.
     "import selective_scan, utils; utils.setup_for_distributed(False)",
     # The compiled module imported first must not leave selective_scan without it.
-    "import selective_scan_cpu, selective_scan",
+    "import selective_scan.cpu_numba, selective_scan",
 ])
 def test_compiled_scan_loads_in_a_fresh_process(code):
     code += ("; import sys, selective_scan as ss; "
@@ -338,11 +341,11 @@ def test_fallback_to_the_loop_without_numba(monkeypatch):
     """With Numba not importable, the ``torch`` backend is the PyTorch loop, says so once in
     the backend line, and still matches the oracle."""
     monkeypatch.setitem(sys.modules, "numba", None)         # import numba -> ImportError
-    monkeypatch.delitem(sys.modules, "selective_scan_cpu")
+    monkeypatch.delitem(sys.modules, "selective_scan.cpu_numba")
     ss._load_cpu_scan.cache_clear()
     loop_calls = []
-    real_apply = ss._SelectiveScanTorch.apply
-    monkeypatch.setattr(ss._SelectiveScanTorch, "apply",
+    real_apply = loop.LoopScan.apply
+    monkeypatch.setattr(loop.LoopScan, "apply",
                         lambda *a: loop_calls.append(1) or real_apply(*a))
     try:
         assert not ss.compiled_cpu_scan_available()
@@ -379,51 +382,13 @@ def test_unsupported_inputs_name_the_argument(scan, arg, make, match):
         SCANS_CHECKED[scan](**args)
 
 
-def fake_cuda_extension(calls):
-    """mamba-ssm's ``selective_scan_cuda`` (fwd/bwd, their argument order and layouts) with the
-    oracle inside, checking what the kernels demand: contiguous sequence tensors, B and C with
-    a group axis, fp32 A/D/delta_bias, and, in the backward, the forward's pre-gate output."""
-    def check(u, delta, A, B, C, D, z, bias):
-        assert all(t.is_contiguous() for t in (u, delta, B, C) + ((z,) if z is not None else ()))
-        assert B.dim() == C.dim() == 4 and B.shape[1] == C.shape[1] == 1
-        assert all(t.dtype == torch.float32 for t in (A, D, bias) if t is not None)
-
-    def fwd(u, delta, A, B, C, D, z, bias, softplus):
-        check(u, delta, A, B, C, D, z, bias)
-        calls.append("fwd")
-        pre = ss.selective_scan_reference(u, delta, A, B[:, 0], C[:, 0], D, None, bias, softplus)
-        states = torch.zeros(u.shape[0], u.shape[1], 1, 2 * A.shape[1])
-        return [pre, states] + ([pre * torch.nn.functional.silu(z.float()).to(pre.dtype)]
-                                if z is not None else [])
-
-    def bwd(u, delta, A, B, C, D, z, bias, dout, states, out, dz, softplus, recompute):
-        check(u, delta, A, B, C, D, z, bias)
-        assert dout.is_contiguous() and states is not None and dz is None and not recompute
-        calls.append("bwd")
-        args = (u, delta, A, B[:, 0], C[:, 0], D, z, bias)
-        if z is not None:  # the pre-gate output the real kernel reads must be the forward's
-            want = ss.selective_scan_reference(*args[:6], None, bias, softplus)
-            torch.testing.assert_close(out, want)
-        # The PyTorch loop's backward, in fp64: no autograd, which does not run inside the
-        # mixer's custom op, where this stand-in is also called.
-        wide = [None if t is None else t.double() for t in args]
-        grads = ss.loop_scan_backward(*wide, dout.double(), softplus, False)
-        du, ddelta, dA, dB, dC, dD, dz_, dbias = (
-            None if g is None else g.to(t.dtype) for g, t in zip(grads, args))
-        return [du, ddelta, dA, dB.unsqueeze(1).float(), dC.unsqueeze(1).float(),
-                dD if D is not None else torch.empty(0),
-                dbias if bias is not None else torch.empty(0)] + ([dz_] if z is not None else [])
-
-    return types.SimpleNamespace(fwd=fwd, bwd=bwd)
-
-
 @pytest.mark.parametrize("optional", ["all", "no_D", "no_z", "no_bias"])
 def test_cuda_backend_glue_with_the_oracle_as_kernel(monkeypatch, optional):
     """The ``cuda`` backend's autograd function around mamba-ssm's extension, the oracle standing
     in for the kernels: reverse = flip in, scan forwards, flip out, for the output and every
     gradient; strided inputs (as the mixer passes them) and fp64 A made what the kernels take."""
     calls = []
-    monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension(calls))
+    monkeypatch.setattr(cuda_kernels, "load_scan_extension", lambda: fake_cuda_extension(calls))
     for reverse in (False, True):
         args = make_inputs(length=10)
         strided = [a.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
@@ -440,7 +405,7 @@ def test_cuda_backend_keeps_only_its_inputs(monkeypatch):
     """Unlike mamba-ssm's own autograd function, the ``cuda`` backend saves the tensors it was
     given, not its contiguous or flipped copies: the mixer's recompute hooks can release u and
     delta, and nothing else the size of the sequence is kept."""
-    monkeypatch.setattr(ss, "_load_cuda_kernel", lambda: fake_cuda_extension([]))
+    monkeypatch.setattr(cuda_kernels, "load_scan_extension", lambda: fake_cuda_extension([]))
     args = [a.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
             if a.dim() == 3 else a for a in make_inputs(length=10)]
     packed = []
@@ -457,20 +422,11 @@ def test_cuda_backend_keeps_only_its_inputs(monkeypatch):
         assert all(any(t is a for a in args) for t in packed)
 
 
-def fake_causal_conv1d(x, weight, bias=None, activation=None):
-    """causal-conv1d's public function (weight (E, K)), contiguous input only."""
-    assert x.is_contiguous() and weight.dim() == 2 and activation == "silu"
-    k = weight.shape[-1]
-    out = torch.nn.functional.conv1d(torch.nn.functional.pad(x, (k - 1, 0)), weight.unsqueeze(1),
-                                     bias, groups=x.shape[1])
-    return torch.nn.functional.silu(out)
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cuda_conv_glue_with_a_stand_in_kernel(monkeypatch, reverse):
     """causal_conv1d_silu: the (anti-)causal depthwise conv + SiLU of the spec, gradients
     included, from a channel-minor view."""
-    monkeypatch.setattr(ss, "load_causal_conv1d", lambda: fake_causal_conv1d)
+    monkeypatch.setattr(cuda_kernels, "load_causal_conv1d", lambda: fake_causal_conv1d)
     torch.manual_seed(0)
     x = torch.randn(2, 11, 6).transpose(1, 2).requires_grad_()   # (B, E, L), channel-minor
     weight = torch.randn(6, 1, 4, requires_grad=True)
@@ -482,7 +438,7 @@ def test_cuda_conv_glue_with_a_stand_in_kernel(monkeypatch, reverse):
                             if t - 3 + j >= 0) + bias for t in range(11)], -1)
     want = torch.nn.functional.silu(want)
     want = want.flip(-1) if reverse else want
-    got = ss.causal_conv1d_silu(x, weight, bias, reverse)
+    got = cuda_kernels.causal_conv1d_silu(x, weight, bias, reverse)
     torch.testing.assert_close(got, want)
     g = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, (x, weight, bias), g),

@@ -1,4 +1,4 @@
-"""The Gluon selective scan (selective_scan_gluon.py) against the oracle, and its static counts.
+"""The Gluon selective scan (gluon_kernels.py) against the oracle, and its static counts.
 
 Its numbers are checked on the CPU under Triton's interpreter, which runs plain Triton but
 never wraps a Gluon function: tests/gluon_interpreter.py runs the Gluon kernels' bodies there
@@ -7,18 +7,19 @@ autotuning candidate per kernel (each candidate in ``test_every_autotuning_candi
 sm_90+ GPU the same tests run on the compiled kernels, some at larger sizes. What only a GPU
 can show is a race (a missing barrier) and what a layout does to the threads' share of the
 work; without one, what the compiler makes of every candidate for sm_90a is checked through
-scripts/kernel_stats.py: no spills in either direction, and the figures do not regress.
+tools/kernel_stats.py: no spills in either direction, and the figures do not regress.
 
 The shapes cover the backward's chunk edges (it keeps a state every 4 or 8 tokens: L = 1, 4,
 5, 8, 9, 17, 21, and on a GPU 208 and 796), a partial program of channels (E = 72 at 64 channels
 per program), the model's strided views, decays that underflow and the optional inputs.
 """
 import contextlib
-import os
 import sys
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.kernels
 
 triton = pytest.importorskip("triton")
 try:
@@ -26,14 +27,11 @@ try:
 except ImportError:
     pytest.skip(f"Triton {triton.__version__} has no Gluon", allow_module_level=True)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import selective_scan_gluon as ssg  # noqa: E402
-from selective_scan import selective_scan_reference  # noqa: E402
-from test_selective_scan_triton import (assert_issue_12_targets,  # noqa: E402
-                                        assert_no_regression, best_pair, check_against,
-                                        check_decays_that_underflow, check_no_softplus,
-                                        family_reports)
+from helpers import (assert_no_regression, assert_static_targets, best_pair,  # noqa: E402
+                     check_against, check_decays_that_underflow, check_no_softplus,
+                     family_reports)
+from selective_scan import kernel_scan, selective_scan_reference  # noqa: E402
+from selective_scan import gluon_kernels as ssg  # noqa: E402
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 INTERPRETED = not torch.cuda.is_available()  # conftest.py then sets TRITON_INTERPRET=1
@@ -48,7 +46,7 @@ if INTERPRETED:
 # One candidate per kernel for the tests of numbers (each candidate has a test of its own):
 # 16-token forward chunks and 8-token backward chunks, 64 channels per program (two warps'
 # worth). On a GPU this also keeps each specialisation to one compile per kernel, where the
-# autotuner would compile three: the whole file must fit a step of scripts/gpu_checks.sh.
+# autotuner would compile three: the whole file must fit a step of tools/gpu_checks.sh.
 ONE_CANDIDATE = {"_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=2),
                  "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=2)}
 
@@ -78,8 +76,11 @@ def on_device():
         yield
 
 
+gluon_scan = kernel_scan(ssg.scan_forward, ssg.scan_backward)
+
+
 def check(L, E=72, N=16, batch=1, **kw):
-    check_against(ssg.selective_scan_gluon, selective_scan_reference, batch, E, N, L,
+    check_against(gluon_scan, selective_scan_reference, batch, E, N, L,
                   device=DEVICE, **kw)
 
 
@@ -131,11 +132,11 @@ class TestNumbers:
 
     @DIRECTIONS
     def test_no_softplus(self, reverse):
-        check_no_softplus(ssg.selective_scan_gluon, 1, 40, 16, 21, reverse, device=DEVICE)
+        check_no_softplus(gluon_scan, 1, 40, 16, 21, reverse, device=DEVICE)
 
     @DIRECTIONS
     def test_decays_that_underflow(self, reverse):
-        check_decays_that_underflow(ssg.selective_scan_gluon, 1, 40, 16, 37, reverse, device=DEVICE)
+        check_decays_that_underflow(gluon_scan, 1, 40, 16, 37, reverse, device=DEVICE)
 
 
 @runs_here
@@ -173,7 +174,7 @@ def test_the_backend_choice_runs_gluon():
 
 def test_the_triton_backend_picks_gluon_on_sm90_only_when_asked(monkeypatch, capsys):
     import selective_scan as ss
-    import selective_scan_triton as sst
+    from selective_scan import triton_kernels as sst
     cuda = torch.device("cuda", 7)  # a device no test uses: the choice is cached per device
     for major, opt_in, module in ((8, "1", sst), (9, None, sst), (9, "1", ssg)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (major, 0))
@@ -227,12 +228,12 @@ def test_static_counts_do_not_regress(gluon_reports):
     assert_no_regression(best_pair(gluon_reports, "gluon"), REACHED, REACHED_MUFU)
 
 
-# Issue 12's static targets (see tests/test_selective_scan_triton.py). The Gluon kernels are
+# The scan kernels' static targets (see tests/helpers.py). The Gluon kernels are
 # the best candidates of either family, and still short of them: the backward must rebuild
 # the chunk-boundary states itself (an exponential and ~5 instructions per state element)
 # because the backend contract gives it the inputs only, and the sums of dB and dC over the
 # channels cost ~4 more. Strict, so the day they hold this test fails as XPASS.
-@pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
+@pytest.mark.xfail(strict=True, reason="the static targets (30 instructions, 2.5 MUFU per "
                    "state element) are not reached yet")
-def test_static_targets_of_issue_12(gluon_reports):
-    assert_issue_12_targets(best_pair(gluon_reports, "gluon"))
+def test_static_targets(gluon_reports):
+    assert_static_targets(best_pair(gluon_reports, "gluon"))

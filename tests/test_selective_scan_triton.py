@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.kernels
+
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,115 +29,14 @@ if not HAS_CUDA:
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in "
                     "conftest.py to run these tests on the CPU", allow_module_level=True)
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from selective_scan import selective_scan_reference, selective_scan_torch  # noqa: E402
-import selective_scan_triton as sst  # noqa: E402
-from selective_scan_triton import selective_scan_triton  # noqa: E402
+from helpers import (DEVICE, NAMES, TOOLS, assert_no_regression,  # noqa: E402
+                     assert_static_targets, best_pair, check_against,
+                     check_decays_that_underflow, check_no_softplus, family_reports,
+                     make_scan_inputs, rel_err, run_kernel_stats)
+from selective_scan import get_scan, selective_scan_reference, selective_scan_torch  # noqa: E402
+from selective_scan import triton_kernels as sst  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def make_inputs(batch, E, N, L, dtype=torch.float32, has_D=True, has_z=True, has_bias=True,
-                strided=False, seed=0, device=DEVICE):
-    """Leaf tensors (the ones gradients are taken of) and the scan arguments made from them.
-
-    With ``strided`` the arguments are non-contiguous views: u and z are channel slices of
-    one channel-minor (batch, 2E, L) view of a (batch, L, 2E) tensor, as the model's z is;
-    delta is channel-minor too; B and C are row slices of one projection output, as in the
-    model; A is a transposed view.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
-
-    # A like S4D-real init (-1..-N) with jitter; delta around softplus^-1 of small steps.
-    A = -(torch.arange(1, N + 1).float().repeat(E, 1) * torch.rand(E, N, generator=g) + 0.1)
-    A = A.to(device)
-    leaves, args = {}, {}
-    if strided:
-        xz_t = rand(batch, L, 2 * E).to(dtype)
-        delta_t = rand(batch, L, E, scale=0.5, shift=-1.0).to(dtype)
-        proj = rand(batch, 3 + 2 * N, L).to(dtype)
-        A_t = A.t().contiguous()
-        leaves.update(xz_t=xz_t, delta_t=delta_t, proj=proj, A_t=A_t)
-    else:
-        leaves.update(u=rand(batch, E, L).to(dtype), delta=rand(batch, E, L, scale=0.5,
-                      shift=-1.0).to(dtype), A=A, B=rand(batch, N, L).to(dtype),
-                      C=rand(batch, N, L).to(dtype))
-        if has_z:
-            leaves["z"] = rand(batch, E, L).to(dtype)
-    if has_D:
-        leaves["D"] = rand(E)
-    if has_bias:
-        leaves["delta_bias"] = rand(E, scale=0.5)
-    for t in leaves.values():
-        t.requires_grad_(True)
-    if strided:
-        args.update(rebuild(leaves, {"z": has_z or None}, E, N))
-        assert not args["u"].is_contiguous() and not args["B"].is_contiguous()
-    else:
-        args.update({k: leaves.get(k) for k in ("u", "delta", "A", "B", "C", "z")})
-    args["D"] = leaves.get("D")
-    args["delta_bias"] = leaves.get("delta_bias")
-    return leaves, args
-
-
-def upcast(leaves):
-    """fp32 copies of the leaves (same values), as fresh leaves for the oracle."""
-    return {k: v.detach().float().requires_grad_(True) for k, v in leaves.items()}
-
-
-def rebuild(leaves, like_args, E, N):
-    """The argument views of ``like_args`` rebuilt on other leaves (e.g. upcast ones)."""
-    if "xz_t" not in leaves:
-        return {k: (leaves.get(k) if like_args.get(k) is not None else None)
-                for k in NAMES}
-    xz, proj = leaves["xz_t"].transpose(1, 2), leaves["proj"]
-    return dict(u=xz[:, :E], delta=leaves["delta_t"].transpose(1, 2), A=leaves["A_t"].t(),
-                B=proj[:, 3:3 + N], C=proj[:, 3 + N:],
-                z=xz[:, E:] if like_args["z"] is not None else None,
-                D=leaves.get("D"), delta_bias=leaves.get("delta_bias"))
-
-
-def rel_err(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
-
-
-def run_and_grad(scan, leaves, args, dout, **kw):
-    out = scan(*(args[k] for k in NAMES), **kw)
-    grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    return out, dict(zip(leaves.keys(), grads))
-
-
-def check_against(scan_a, scan_b, batch, E, N, L, dtype=torch.float32, tol=1e-4,
-                  oracle_fp32=True, seed=0, device=DEVICE, **opts):
-    """Compare scan_a (on inputs of ``dtype``) with scan_b (on the same values, in fp32 if
-    ``oracle_fp32``): the output, then the gradient of every leaf, each by max-abs error
-    relative to the largest value."""
-    kw = {k: opts.pop(k) for k in ("reverse", "delta_softplus") if k in opts}
-    leaves, args = make_inputs(batch, E, N, L, dtype=dtype, seed=seed, device=device, **opts)
-    ref_leaves = upcast(leaves) if oracle_fp32 else {
-        k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    ref_args = rebuild(ref_leaves, args, E, N)
-    g = torch.Generator().manual_seed(seed + 1)
-    dout = torch.randn(batch, E, L, generator=g).to(device=device, dtype=dtype)
-    if opts.get("strided"):  # channel-minor, as the model's gradient arrives
-        dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
-
-    out, grads = run_and_grad(scan_a, leaves, args, dout, **kw)
-    ref_out, ref_grads = run_and_grad(scan_b, ref_leaves, ref_args,
-                                      dout.to(ref_args["u"].dtype), **kw)
-    assert out.dtype == dtype and out.shape == (batch, E, L)
-    assert torch.isfinite(out).all()
-    errors = {"out": rel_err(out, ref_out)}
-    for k in leaves:
-        assert grads[k].dtype == leaves[k].dtype, k
-        errors[k] = rel_err(grads[k], ref_grads[k])
-    bad = {k: v for k, v in errors.items() if not v <= tol}
-    assert not bad, f"relative errors over {tol}: {bad}"
+selective_scan_triton = get_scan("triton")
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -155,39 +56,6 @@ def test_fp32_matches_oracle(batch, E, N, L, reverse):
 def test_long_sequence_in_reverse():
     # 796 tokens (448 px): 50 chunks, the last one partial, walked from the end.
     check_against(selective_scan_triton, selective_scan_reference, 1, 8, 4, 796, reverse=True)
-
-
-def check_decays_that_underflow(scan, batch, E, N, L, reverse, device=DEVICE):
-    """delta |A| up to ~2000: exp(delta A) is 0 in fp32 for most states, 1e-6 to 1 for the
-    smallest |A|; the adjoint reuses these decays, which must not turn into 0 * inf. The
-    output and every gradient, finite and within 1e-4 of the oracle."""
-    leaves, args = make_inputs(batch, E, N, L, device=device)
-    with torch.no_grad():
-        args["delta_bias"].add_(100.0)
-    run = lambda fn: fn(*(args[k] for k in NAMES), reverse=reverse)  # noqa: E731
-    out, ref = run(scan), run(selective_scan_reference)
-    assert rel_err(out, ref) < 1e-4
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, list(leaves.values()), dout)
-    ref_grads = torch.autograd.grad(ref, list(leaves.values()), dout)
-    for k, a, b in zip(leaves, grads, ref_grads):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, k
-
-
-def check_no_softplus(scan, batch, E, N, L, reverse, device=DEVICE):
-    """delta used as given. Without softplus it must stay positive for a stable scan: the
-    bias shifts it up. The output and every gradient within 1e-4 of the oracle."""
-    leaves, args = make_inputs(batch, E, N, L, device=device)
-    with torch.no_grad():
-        args["delta_bias"].copy_(args["delta_bias"].abs() + 2.0)
-    run = lambda fn: fn(*(args[k] for k in NAMES), delta_softplus=False,  # noqa: E731
-                        reverse=reverse)
-    out, ref = run(scan), run(selective_scan_reference)
-    assert rel_err(out, ref) < 1e-4
-    grads = torch.autograd.grad(out.sum(), list(leaves.values()))
-    ref_grads = torch.autograd.grad(ref.sum(), list(leaves.values()))
-    for k, a, b in zip(leaves, grads, ref_grads):
-        assert rel_err(a, b) < 1e-4, k
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -247,16 +115,16 @@ def test_mixer_through_the_triton_scan_matches_the_spec(monkeypatch):
     """The model's own tensors (x and z as strided views of xz, the conv output, delta from
     the batched GEMM, B and C as slices of x_dbl) through the Triton scan, with u and delta
     recomputed for the backward, against the mixer written from the spec."""
-    import models_mambar as mm
-    from test_models import reference_mixer
+    import vision_mamba
+    from helpers import reference_mixer
     torch.manual_seed(0)
-    mixer = mm.BiMambaMixer(16, scan_backend="torch").to(DEVICE)
+    mixer = vision_mamba.BiMambaMixer(16, scan_backend="torch").to(DEVICE)
     with torch.no_grad():  # make the two directions' parameters differ visibly
         for p in mixer.parameters():
             p.add_(0.05 * torch.randn_like(p))
     hidden = torch.randn(2, 19, 16, device=DEVICE, requires_grad=True)  # 2 chunks of 16
     leaves = [hidden, *mixer.parameters()]
-    monkeypatch.setattr(mm, "get_scan", lambda backend: selective_scan_triton)
+    monkeypatch.setattr(vision_mamba, "get_scan", lambda backend: selective_scan_triton)
     got = mixer(hidden)
     got_grads = torch.autograd.grad(got.sum(), leaves)
     monkeypatch.undo()
@@ -299,7 +167,7 @@ def test_softplus_and_its_gradient_match_torch():
 
 
 def test_reverse_is_flipped_forward():
-    _, args = make_inputs(2, 8, 4, 29)
+    _, args = make_scan_inputs(2, 8, 4, 29)
     flip = lambda t: t if t is None or t.dim() < 3 else t.flip(-1)  # noqa: E731
     with torch.no_grad():
         rev = selective_scan_triton(*(args[k] for k in NAMES), reverse=True)
@@ -307,41 +175,14 @@ def test_reverse_is_flipped_forward():
     assert rel_err(rev, fwd) < 1e-6
 
 
-def run_kernel_stats(*args):
-    """scripts/kernel_stats.py with ``args``; skips where Triton ships no ptxas."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton build ships no ptxas")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, os.path.join(root, "scripts", "kernel_stats.py"),
-                           *args], capture_output=True, text=True, cwd=root, timeout=300)
-
-
-# scripts/kernel_stats.py compiles every autotuning config of both kernels for an H100
-# (sm_90a) without a GPU, with the specialisations a model's call gets, and reports ptxas's
-# register and spill figures and the SASS instruction counts. The interpreter checks the
-# kernels' numbers, not that they compile, nor what they cost.
-def family_reports(family):
-    """kernel_stats.py's reports of every candidate of one kernel family, both directions
-    (skipped on a GPU, where the kernels themselves are compiled and run)."""
-    if HAS_CUDA:
-        pytest.skip("on a GPU the kernels themselves are compiled and run")
-    done = run_kernel_stats("--family", family, "--reverse", "both", "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines()]
-
-
+# tools/kernel_stats.py compiles every autotuning config of both kernels for an H100 (sm_90a)
+# without a GPU, with the specialisations a model's call gets, and reports ptxas's register
+# and spill figures and the SASS instruction counts. The interpreter checks the kernels'
+# numbers, not that they compile, nor what they cost.
 @pytest.fixture(scope="module")
 def stats_reports():
     # The Gluon kernels' figures: tests/test_selective_scan_gluon.py.
     return family_reports("triton")
-
-
-def best_pair(reports, family=None):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__))), "scripts"))
-    from kernel_stats import best_pair as pair
-    return pair(reports, family)
 
 
 def test_every_candidate_compiles_for_h100_without_spills(stats_reports):
@@ -349,7 +190,7 @@ def test_every_candidate_compiles_for_h100_without_spills(stats_reports):
         (kernel, reverse) for kernel in ("_scan_fwd_kernel", "_scan_bwd_kernel")
         for reverse in (False, True)}
     for report in stats_reports:
-        # Issue 12: no candidate the autotuner may pick spills, in either direction.
+        # No candidate the autotuner may pick spills, in either direction.
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report
         assert report["instructions"] > 300 and report["ops"]["MUFU"] > 0, report
         # It fits an SM with a warp for each of its four schedulers at least.
@@ -371,8 +212,7 @@ def test_warps_per_sm():
         [sys.executable, "-c", "import json, sys, kernel_stats; print(json.dumps(["
          "kernel_stats.warps_per_sm(*args) for args in json.loads(sys.argv[1])]))",
          json.dumps([args for args, _ in cases])],
-        cwd=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "scripts"), capture_output=True, text=True, timeout=120)
+        cwd=TOOLS, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout) == [expected for _, expected in cases]
 
@@ -383,37 +223,16 @@ REACHED = {"3.8": 64.5}
 REACHED_MUFU = 3.75
 
 
-def assert_no_regression(pair, reached, reached_mufu):
-    """The best pair costs no more than the figures a family has reached (per Triton
-    version; skipped for a version with none recorded)."""
-    assert pair["mufu_per_element"] <= reached_mufu, pair
-    version = ".".join(triton.__version__.split(".")[:2])
-    if version not in reached:
-        pytest.skip(f"no figure recorded for Triton {version}")
-    assert pair["per_element"] <= reached[version], pair
-
-
 def test_static_counts_do_not_regress(stats_reports):
     assert_no_regression(best_pair(stats_reports), REACHED, REACHED_MUFU)
 
 
-# Issue 12's static targets, per Triton version: instructions and MUFU per state element.
-TARGETS = {"3.8": 30.0, "3.6": 34.0}
-TARGET_MUFU = 2.5
-
-
-def assert_issue_12_targets(pair):
-    version = ".".join(triton.__version__.split(".")[:2])
-    assert pair["mufu_per_element"] <= TARGET_MUFU, pair
-    assert pair["per_element"] <= TARGETS.get(version, 30.0), pair
-
-
-# Not reached by the plain-Triton design in this module (see its docstring): strict, so the
+# Not reached by the plain-Triton design (see triton_kernels.py's docstring): strict, so the
 # day they hold this test fails as XPASS and the marker must go.
-@pytest.mark.xfail(strict=True, reason="issue 12's targets (30 instructions, 2.5 MUFU per "
+@pytest.mark.xfail(strict=True, reason="the static targets (30 instructions, 2.5 MUFU per "
                    "state element) are not reached yet")
-def test_static_targets_of_issue_12(stats_reports):
-    assert_issue_12_targets(best_pair(stats_reports))
+def test_static_targets(stats_reports):
+    assert_static_targets(best_pair(stats_reports))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels themselves are compiled and run")

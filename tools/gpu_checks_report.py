@@ -1,10 +1,10 @@
-"""The parts of scripts/gpu_checks.sh written in Python, kept here so the CPU tests can run
+"""The parts of tools/gpu_checks.sh written in Python, kept here so the CPU tests can run
 them: the generated image folder its launcher runs train on, the figures its summary reads
 out of the benchmark JSON files, and the comparison of two backends' loss curves.
 
-    python scripts/gpu_checks_report.py images ROOT CLASSES TRAIN VAL
-    python scripts/gpu_checks_report.py summary LOGS
-    python scripts/gpu_checks_report.py losses LOG RUN RUN
+    python tools/gpu_checks_report.py images ROOT CLASSES TRAIN VAL
+    python tools/gpu_checks_report.py summary LOGS
+    python tools/gpu_checks_report.py losses LOG RUN RUN
 """
 import argparse
 import glob
@@ -51,7 +51,7 @@ def summarise(logs: str) -> List[str]:
         lines.append(f"{name}: {len(results)} rows, "
                      f"{sum('error' in r for r in results)} errors")
         for t in targets:
-            lines.append(f"  issue {t['issue']}: {t['name']}: {t['value']} (target "
+            lines.append(f"  {t['topic']}: {t['name']}: {t['value']} (target "
                          f"{t['target']}) {'PASS' if t['ok'] else 'FAIL'}")
         for r in results:
             where = f"{r.get('model')} {r.get('img_size')}px b{r.get('batch')}"

@@ -2,14 +2,14 @@
 the compiler made of each autotuning candidate: registers, spills, shared memory, the warps
 an SM can hold, and SASS instruction counts per state element.
 
-    python scripts/kernel_stats.py                 # every candidate, both kernels, both families
-    python scripts/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
-    python scripts/kernel_stats.py --family gluon  # selective_scan_gluon.py's kernels only
+    python tools/kernel_stats.py                 # every candidate, both kernels, both families
+    python tools/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
+    python tools/kernel_stats.py --family gluon  # gluon_kernels.py's kernels only
 
-Two families of kernels: ``triton`` (selective_scan_triton.py, plain Triton) and ``gluon``
-(selective_scan_gluon.py, Triton's Gluon dialect; left out, with a note, where this Triton has
-no Gluon). A Gluon candidate is shown as a config of the plain-Triton form: one channel per
-thread with all its states, i.e. 1 state lane.
+Two families of kernels: ``triton`` (selective_scan/triton_kernels.py, plain Triton) and
+``gluon`` (selective_scan/gluon_kernels.py, Triton's Gluon dialect; left out, with a note, where
+this Triton has no Gluon). A Gluon candidate is shown as a config of the plain-Triton form:
+one channel per thread with all its states, i.e. 1 state lane.
 
 Uses the ptxas and cuobjdump that ship inside the Triton wheel (sm_90a). Each kernel is
 specialised as Triton specialises it at run time for the call Mamba®-Base makes at 224 px
@@ -21,9 +21,9 @@ thread x channels per thread): the per-chunk loop bodies dominate the kernel, so
 approximates the instructions issued per state element and token. The last line sums the
 best forward and best backward candidate (fewest per element) of each family and across
 both (any forward pairs with any backward: each backward needs only the scan's inputs), the
-figure issue 12 sets targets for, with their MUFU (exponential, reciprocal) instructions per
-element. A kernel that is
-issue-bound runs in roughly (per element) x batch x E x N x L / (32 x warp issue rate).
+figure the scan's static targets are set for, with their MUFU (exponential, reciprocal)
+instructions per element. A kernel that is issue-bound runs in roughly (per element) x batch
+x E x N x L / (32 x warp issue rate).
 "warps/SM" is how many of the kernel's warps one SM holds at once (its programs limited by
 registers, shared memory and 32 programs per SM; sm_90: 64K registers allocated per warp in
 blocks of 256, 228 KB of shared memory with 1 KB reserved per program, 64 warps): the
@@ -49,11 +49,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import selective_scan_triton as sst  # noqa: E402
+from selective_scan import triton_kernels as sst  # noqa: E402
 
 try:  # Triton releases without Gluon (before 3.4) compile the plain-Triton kernels only
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
-    import selective_scan_gluon as ssg  # noqa: E402
+    from selective_scan import gluon_kernels as ssg  # noqa: E402
 except ImportError:
     ssg = None
 
@@ -173,7 +173,7 @@ def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "tr
 
 
 def best_pair(reports: list, family: str = None) -> dict:
-    """The issue's static figures from forward-direction reports: the forward and backward
+    """The static figures from forward-direction reports: the forward and backward
     candidates with the fewest instructions per state element, and their sums; among one
     family's kernels, or among all reports when ``family`` is None (reports of old JSON runs
     carry no family: plain Triton)."""

@@ -1,6 +1,6 @@
 """Time the selective scan alone on a GPU: each backend, each direction, forward and backward.
 
-    python scripts/scan_bench.py --json scan_bench.json          # all shapes, every backend found
+    python tools/scan_bench.py --json scan_bench.json          # all shapes, every backend found
 
 Shapes are those of a training step: ``base`` (Mamba®-Base at 224 px: batch 128, E 1536,
 N 16, L 208), ``base448`` (L 796) and ``tiny`` (E 384, L 208). Inputs are bf16 and laid out as
@@ -8,7 +8,7 @@ the mixer passes them (u and delta time-minor, z and the output gradient channel
 B and C row slices of the x_proj output). Rows:
 
 - ``triton``: our Triton scan, with the autotuner's choice per kernel;
-- ``gluon``: our Gluon scan (``selective_scan_gluon.py``), likewise, on sm_90+ GPUs whose
+- ``gluon``: our Gluon scan (``selective_scan/gluon_kernels.py``), likewise, on sm_90+ GPUs whose
   Triton has Gluon;
 - ``cuda``: mamba-ssm's kernel through our backend (``selective_scan.selective_scan_cuda``:
   its contiguous copies, the flips of the reverse direction and the forward it reruns in the
@@ -148,10 +148,10 @@ def gluon_scan() -> Optional[Callable]:
     if torch.cuda.get_device_capability()[0] < 9:
         return None
     try:
-        from selective_scan_gluon import selective_scan_gluon
+        from selective_scan import gluon_kernels
     except (ImportError, AttributeError):  # no triton.experimental.gluon, or an older one
         return None
-    return selective_scan_gluon
+    return ss.kernel_scan(gluon_kernels.scan_forward, gluon_kernels.scan_backward)
 
 
 def cuda_kernel_scan() -> Optional[Callable]:
