@@ -22,8 +22,9 @@ from utils import UserError, error_line
 def save_checkpoint(obj, path):
     """Write ``obj`` to ``path`` atomically: temp file in the same directory, flush, fsync,
     rename, fsync the directory. A kill or a full disk at any moment leaves the previous
-    ``path`` intact. ``obj`` must be plain data (tensors, numbers, strings, lists, dicts) so
-    that it loads with ``weights_only=True``."""
+    ``path`` intact; a write that fails is a one-line ``UserError`` (for a full disk naming
+    the filesystem, its free space and what the checkpoint needs). ``obj`` must be plain data
+    (tensors, numbers, strings, lists, dicts) so that it loads with ``weights_only=True``."""
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     # Temp files of writers killed mid-write: only rank 0 writes into an output dir.
@@ -39,16 +40,64 @@ def save_checkpoint(obj, path):
     except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(err, OSError):
-            reason = err.strerror or os.strerror(err.errno or errno.EIO)
-            raise UserError(f"cannot write checkpoint {path}: {reason}; the previous "
-                            f"checkpoint there (if any) is intact") from None
-        raise
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        previous = ("the previous checkpoint there is intact" if os.path.exists(path) else
+                    "nothing was written")
+        raise UserError(f"cannot write checkpoint {path}: {_write_failure(cause, directory, obj)}"
+                        f"; {previous}") from None
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _os_error(err):
+    """The ``OSError`` behind a failed write, if any. torch.save's zip writer does not let
+    it through: it fails once more when it finishes the archive and raises a
+    ``RuntimeError`` ("unexpected pos ...") whose context is the ``OSError``."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _write_failure(err, directory, obj):
+    reason = err.strerror or os.strerror(err.errno or errno.EIO)
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return reason
+    mount = directory
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    # The last entry for a mount point is the one mounted over the others.
+    device = ([fields[0] for fields in _mounts() if fields[1] == mount] or [None])[-1]
+    stat = os.statvfs(directory)
+    return (f"{'no space left' if err.errno == errno.ENOSPC else 'disk quota exceeded'} on "
+            f"{mount}{f' ({device})' if device else ''}: {_size(stat.f_bavail * stat.f_frsize)}"
+            f" free, the checkpoint needs about {_size(_tensor_bytes(obj))}")
+
+
+def _mounts():
+    try:
+        with open("/proc/self/mounts") as f:
+            return [line.split() for line in f]
+    except OSError:  # not Linux
+        return []
+
+
+def _tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n):
+    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
 
 
 def read_checkpoint(path: str, what: str = "checkpoint") -> object:

@@ -1,7 +1,12 @@
 """Every bad input ends main.py with one clear line on stderr naming the culprit, exit code 1,
 and no traceback; a pickle with code is never executed."""
 import errno
+import filecmp
+import functools
+import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +14,7 @@ import pytest
 import timm
 import torch
 
+import checkpoints
 import main
 from helpers import make_image_folder
 
@@ -128,23 +134,95 @@ def test_unreadable_image_ends_the_process_with_workers(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot read image {bad} ("), lines
 
 
-def test_no_space_left_for_a_checkpoint_keeps_the_previous_one(capfd, data, tmp_path,
-                                                               monkeypatch):
-    out = tmp_path / "out"
+class FullFolderFile(io.FileIO):
+    """A file in a folder that holds at most ``capacity`` bytes: a write that does not fit is
+    cut short and the next one fails with ENOSPC, as the kernel does on a full filesystem."""
+
+    def __init__(self, path, capacity):
+        super().__init__(path, "wb")
+        self.folder, self.capacity = os.path.dirname(os.path.abspath(path)), capacity
+
+    def write(self, data):
+        room = self.capacity - sum(e.stat().st_size for e in os.scandir(self.folder)
+                                   if e.is_file())
+        if room <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(memoryview(data)[:room])
+
+
+def open_in_full_folder(capacity, path, mode="r", *args, **kwargs):
+    if "w" not in mode:
+        return open(path, mode, *args, **kwargs)
+    return io.BufferedWriter(FullFolderFile(path, capacity))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path, monkeypatch):
+    """A function making a folder of ``size`` bytes for checkpoints, as a tmpfs where this
+    process may mount one (root); elsewhere checkpoints.save_checkpoint writes through
+    FullFolderFile. Returns the folder's mount point (the tmpfs, or the real one)."""
+    mounted = []
+
+    def make(path, size):
+        os.makedirs(path)
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                   str(path)], capture_output=True).returncode == 0
+        except FileNotFoundError:  # no mount command
+            done = False
+        if done:
+            mounted.append(path)
+            return str(path)
+        monkeypatch.setattr(checkpoints, "open", functools.partial(open_in_full_folder, size),
+                            raising=False)
+        mount = str(path)
+        while not os.path.ismount(mount):
+            mount = os.path.dirname(mount)
+        return mount
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """The output folder of a one-epoch run: checkpoints of the real size."""
+    out = tmp_path_factory.mktemp("trained")
     assert main.cli([*FAST, "--data-path", data, "--output_dir", str(out)]) == 0
-    before = (out / "checkpoint.pth").read_bytes()
+    return out
+
+
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(capfd, data, trained, tmp_path,
+                                                                small_filesystem):
+    """The second epoch's checkpoint does not fit beside the first's: one line naming the
+    file, the filesystem and the space; the first checkpoint intact, no temp file left."""
+    size = (trained / "checkpoint.pth").stat().st_size
+    out = tmp_path / "disk"
+    mount = small_filesystem(out, 2 * size + size // 2)
+    for name in ("checkpoint.pth", "best_checkpoint.pth", "log.txt"):
+        shutil.copy(trained / name, out / name)
     capfd.readouterr()
-
-    def full_disk(obj, f):
-        f.write(b"\0" * 1000)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(torch, "save", full_disk)
     line = fails(capfd, "--data-path", data, "--output_dir", str(out), "--epochs", "2")
-    assert f"cannot write checkpoint {out}/" in line and "No space left on device" in line
-    assert "previous checkpoint there (if any) is intact" in line
-    assert (out / "checkpoint.pth").read_bytes() == before
+    assert re.fullmatch(
+        rf"error: cannot write checkpoint {re.escape(str(out))}/(best_)?checkpoint\.pth: no "
+        rf"space left on {re.escape(mount)}( \(\S+\))?: [\d.]+ [MG]iB free, the checkpoint needs "
+        rf"about [\d.]+ MiB; the previous checkpoint there is intact", line), line
+    assert filecmp.cmp(out / "checkpoint.pth", trained / "checkpoint.pth", shallow=False)
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_the_full_disk_stand_in_fails_as_torch_save_does_on_one(trained, tmp_path):
+    """Where no small filesystem can be mounted, FullFolderFile stands in for one: torch.save
+    meets its ENOSPC as on a full tmpfs, and fails again finishing the archive (the
+    RuntimeError that used to end runs with two tracebacks)."""
+    checkpoint = torch.load(trained / "checkpoint.pth", weights_only=True)
+    size = (trained / "checkpoint.pth").stat().st_size
+    with pytest.raises(RuntimeError, match="unexpected pos") as raised:
+        with open_in_full_folder(size // 2, str(tmp_path / "a.pth"), "wb") as f:
+            torch.save(checkpoint, f)
+    assert raised.value.__context__.errno == errno.ENOSPC
 
 
 class Evil:

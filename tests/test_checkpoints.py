@@ -38,17 +38,21 @@ def test_checkpoints_are_plain_data_and_written_atomically(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
-def test_no_space_left_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, reason", [
+    (errno.ENOSPC, r"no space left on /\S*( \(\S+\))?: [\d.]+ [MG]iB free, the checkpoint "
+                   r"needs about 0\.0 MiB"),
+    (errno.EIO, "Input/output error")])
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, code, reason):
     path = str(tmp_path / "checkpoint.pth")
     checkpoints.save_checkpoint({"epoch": 1}, path)
 
-    def full_disk(obj, f):
+    def failing_write(obj, f):
         f.write(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=f"cannot write checkpoint {path}: No space left "
-                                              f"on device; the previous checkpoint"):
+    monkeypatch.setattr(torch, "save", failing_write)
+    with pytest.raises(UserError, match=f"cannot write checkpoint {path}: {reason}; the "
+                                        f"previous checkpoint there is intact$"):
         checkpoints.save_checkpoint({"epoch": 2}, path)
     assert checkpoints.load_checkpoint(path) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
