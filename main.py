@@ -12,7 +12,9 @@ command continues from ``output_dir/checkpoint.pth`` (``--auto-resume``, the def
 ``--no-auto-resume`` starts over). A non-finite loss stops the run without touching the
 checkpoints (``--skip-nonfinite N`` skips up to N such steps); an unreadable image stops it
 naming the file. Bad input ends the run with one ``error:`` line on stderr and exit code 1
-(``--debug`` shows the traceback).
+(``--debug`` shows the traceback). When one of several processes fails, the others stop with
+one line each instead of a traceback, and a group that torchrun restarts
+(``--max-restarts``) continues from the checkpoint too.
 """
 import argparse
 import datetime
@@ -215,6 +217,11 @@ def get_args_parser():
                         help="number of processes (set by the launcher)")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed "
                         "training")
+    parser.add_argument("--dist-timeout", default=10.0, type=float, metavar="MINUTES",
+                        help="how long a process waits for the others in a collective before "
+                             "failing: bounds how long a job outlives a process that hangs, "
+                             "or on GPUs (NCCL) one that died without a launcher to stop the "
+                             "rest (default: 10)")
     # torch.distributed.launch without --use_env passes these; the env var LOCAL_RANK is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0,
                         help=argparse.SUPPRESS)
@@ -245,6 +252,8 @@ def check_args(args):
         raise utils.UserError("--hflip must be a probability in [0, 1]")
     if not 0 < args.eval_crop_ratio <= 1:
         raise utils.UserError("--eval-crop-ratio must be in (0, 1]")
+    if not args.dist_timeout > 0:
+        raise utils.UserError("--dist-timeout must be a positive number of minutes")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.UserError(f"--device {args.device}: CUDA is not available (use --device cpu)")
 
@@ -589,8 +598,10 @@ def make_output_dir(path):
 
 
 def cli(argv=None):
-    """Parse ``argv`` and run; returns the exit code. Expected failures (bad input,
-    non-finite loss, unreadable data) are one ``error:`` line on stderr."""
+    """Parse ``argv`` and run; returns the exit code: 0 done, 1 expected failure (bad input,
+    non-finite loss, unreadable data: one ``error:`` line on stderr), 128 + signal when
+    stopped by SIGTERM / SIGUSR1 after the checkpoint. A bug raises (the traceback; Python
+    exits with 1)."""
     parser = argparse.ArgumentParser("Mamba® training and evaluation script",
                                      parents=[get_args_parser()])
     args = parser.parse_args(argv)
@@ -601,6 +612,8 @@ def cli(argv=None):
     except (utils.UserError, NonFiniteLossError, UnreadableImageError) as err:
         if args.debug:
             traceback.print_exc()
+        if isinstance(err, NonFiniteLossError) and not utils.is_main_process():
+            return 1  # every rank stops at the same step: rank 0 says why
         message = str(err).strip().splitlines()[-1]
         if isinstance(err, UnreadableImageError):
             # Raised in a loader worker, it arrives wrapped with the worker's traceback text.
@@ -609,12 +622,22 @@ def cli(argv=None):
             message = (f"{message} of the run in {args.output_dir or '(no --output_dir)'}; "
                        f"the last good checkpoint there is left untouched (--skip-nonfinite N "
                        f"skips up to N bad steps)")
-        rank = f"[rank {utils.get_rank()}] " if utils.get_world_size() > 1 else ""
-        sys.stderr.write(f"{rank}error: {message}\n")
+        sys.stderr.write(f"{rank_prefix()}error: {message}\n")
         return 1
+    except Exception as err:
+        if utils.get_world_size() > 1 and utils.lost_contact(err) and not args.debug:
+            # Another process failed (its error is its own to print) or was killed (the
+            # launcher names it): this one's traceback would only bury that.
+            sys.stderr.write(f"{rank_prefix()}stopped: lost contact with another process of "
+                             f"the job ({utils.error_line(err)})\n")
+            return 1
+        raise
     finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+        utils.leave_process_group()
+
+
+def rank_prefix():
+    return f"[rank {utils.get_rank()}] " if utils.get_world_size() > 1 else ""
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
 import builtins
 import datetime
+import faulthandler
 import hashlib
 import json
 import logging
@@ -209,7 +210,8 @@ def _first_slurm_host(nodelist):
 def init_distributed_mode(args):
     """Join the process group described by torchrun / torch.distributed.launch variables
     (RANK, WORLD_SIZE, LOCAL_RANK) or by SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID),
-    over nccl on GPUs and gloo on CPUs. Without either, run as a single process."""
+    over nccl on GPUs and gloo on CPUs, with ``args.dist_timeout`` minutes for any collective.
+    Without either, run as a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
@@ -235,10 +237,42 @@ def init_distributed_mode(args):
         args.dist_backend = "gloo"
     print(f"| distributed init (rank {args.rank}/{args.world_size}, {args.dist_backend}): "
           f"{args.dist_url}", flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    timeout = datetime.timedelta(minutes=args.dist_timeout)
+    store, _, _ = next(dist.rendezvous(args.dist_url, args.rank, args.world_size,
+                                       timeout=timeout))
+    # torchrun serves one store to every round of a group it restarts (--max-restarts), and
+    # the keys a dead round left there (its processes' addresses) would send the new round
+    # to dead ports. Each round gets its own key prefix, numbered by the restart count that
+    # torchrun's agent on each node advances when the group fails (0 under other launchers).
+    round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=args.dist_backend, store=dist.PrefixStore(
+        f"mambar/round{round_}", store), rank=args.rank, world_size=args.world_size,
+        timeout=timeout)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def lost_contact(err):
+    """Whether ``err`` is a collective or the job's store failing because another process
+    is gone (gloo: its connection closed) or silent past the timeout, rather than this one
+    failing: that process's own message, or the launcher's report, says what happened."""
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer",
+                                      "Timed out waiting"))
+
+
+def leave_process_group(timeout=30.0):
+    """``destroy_process_group``, bounded: with another process gone it can block (NCCL
+    tears its communicators down with them). Past ``timeout`` seconds this process prints
+    where it is stuck and exits with code 1."""
+    if not is_dist_avail_and_initialized():
+        return
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def any_rank(*flags):

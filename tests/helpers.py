@@ -55,6 +55,31 @@ def make_image_folder(root, classes=2, train_per_class=4, val_per_class=2, size=
     return str(root)
 
 
+# --------------------------------------------------------------------------- training states
+
+def assert_same(a, b, where="state"):
+    """The same nested data, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_state(a, b):
+    """Two final checkpoints hold the same training state (their args may differ)."""
+    for part in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch",
+                 "epoch_complete", "step", "max_accuracy", "best_source", "nonfinite_skipped"):
+        assert_same(a[part], b[part], part)
+
+
 # --------------------------------------------------------------------------- scans vs the oracle
 
 def make_scan_inputs(batch, E, N, L, dtype=torch.float32, has_D=True, has_z=True, has_bias=True,

@@ -20,7 +20,7 @@ import checkpoints
 import main
 from engine import NonFiniteBudget, train_one_epoch
 from losses import DistillationLoss
-from helpers import make_image_folder
+from helpers import assert_same, assert_same_state, make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,21 +73,6 @@ def snapshot(state):
         "lr_scheduler": state["lr_scheduler"].state_dict(),
         "scaler": state["scaler"].state_dict(), "max_accuracy": state["max_accuracy"],
         "best_source": state["best_source"], "nonfinite": state["nonfinite"].used})
-
-
-def assert_same(a, b, where="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize("stop_at", [None, 4])  # the end of epoch 1, or its micro-batch 4
@@ -151,13 +136,6 @@ def run_until(command, line_start, signum, launcher=(sys.executable,)):
     output += proc.stdout.readlines()
     code = proc.wait(timeout=120)
     return code, time.time() - sent, "".join(output)
-
-
-def assert_same_state(a, b):
-    """Two final checkpoints hold the same training state (their args may differ)."""
-    for part in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch",
-                 "epoch_complete", "step", "max_accuracy", "best_source", "nonfinite_skipped"):
-        assert_same(a[part], b[part], part)
 
 
 @pytest.mark.slow
