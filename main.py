@@ -12,9 +12,9 @@ command continues from ``output_dir/checkpoint.pth`` (``--auto-resume``, the def
 ``--no-auto-resume`` starts over). A non-finite loss stops the run without touching the
 checkpoints (``--skip-nonfinite N`` skips up to N such steps); an unreadable image stops it
 naming the file. Bad input ends the run with one ``error:`` line on stderr and exit code 1
-(``--debug`` shows the traceback). When one of several processes fails, the others stop with
-one line each instead of a traceback, and a group that torchrun restarts
-(``--max-restarts``) continues from the checkpoint too.
+(``--debug`` shows the traceback); Ctrl-C stops at once, exit code 130. When one of several
+processes fails, the others stop with one line each instead of a traceback, and a group that
+torchrun restarts (``--max-restarts``) continues from the checkpoint too.
 """
 import argparse
 import datetime
@@ -600,8 +600,8 @@ def make_output_dir(path):
 def cli(argv=None):
     """Parse ``argv`` and run; returns the exit code: 0 done, 1 expected failure (bad input,
     non-finite loss, unreadable data: one ``error:`` line on stderr), 128 + signal when
-    stopped by SIGTERM / SIGUSR1 after the checkpoint. A bug raises (the traceback; Python
-    exits with 1)."""
+    stopped by SIGTERM / SIGUSR1 after the checkpoint, 130 on Ctrl-C. A bug raises (the
+    traceback; Python exits with 1)."""
     parser = argparse.ArgumentParser("Mamba® training and evaluation script",
                                      parents=[get_args_parser()])
     args = parser.parse_args(argv)
@@ -624,6 +624,19 @@ def cli(argv=None):
                        f"skips up to N bad steps)")
         sys.stderr.write(f"{rank_prefix()}error: {message}\n")
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        if utils.is_main_process():
+            # Ctrl-C means now: the step in progress is dropped, not finished and saved as
+            # on SIGTERM.
+            last = os.path.join(args.output_dir, "checkpoint.pth")
+            where = (f"the last checkpoint, {last}, is intact: rerun the same command to "
+                     f"continue from it" if os.path.isfile(last) else
+                     f"no checkpoint yet in {args.output_dir}" if args.output_dir else
+                     "nothing saved (no --output_dir)")
+            sys.stderr.write(f"{rank_prefix()}interrupted; {where}\n")
+        return 128 + signal.SIGINT
     except Exception as err:
         if utils.get_world_size() > 1 and utils.lost_contact(err) and not args.debug:
             # Another process failed (its error is its own to print) or was killed (the
