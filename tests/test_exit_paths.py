@@ -64,8 +64,14 @@ class Run:
     def wait_for(self, text):
         """Wait until the run's output holds ``text``."""
         while text not in self.output():
-            assert time.time() - self.started < LIMIT, f"no {text!r} in:\n{self.output()}"
+            if time.time() - self.started > LIMIT:
+                self.kill()
+                pytest.fail(f"no {text!r} in {LIMIT} s:\n{self.output()}")
             time.sleep(0.1)
+
+    def kill(self):
+        os.killpg(self.pid, signal.SIGKILL)
+        self.server.answers.get(timeout=60)  # its exit code: the next run's answers follow
 
     def group(self):
         """Processes left in the run's process group (zombies aside)."""
@@ -86,7 +92,7 @@ class Run:
         try:
             code = self.server.answers.get(timeout=max(LIMIT - (time.time() - self.started), 1))
         except queue.Empty:
-            os.killpg(self.pid, signal.SIGKILL)
+            self.kill()
             pytest.fail(f"still running after {LIMIT} s:\n{self.output()}")
         while self.group() and time.time() - self.started < LIMIT:
             time.sleep(0.1)
