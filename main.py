@@ -426,7 +426,7 @@ def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
-    with utils.StopRequest() as stop:
+    with utils.StopRequest(at_once=args.eval) as stop:
         return run(args, device, stop)
 
 
@@ -600,8 +600,8 @@ def make_output_dir(path):
 def cli(argv=None):
     """Parse ``argv`` and run; returns the exit code: 0 done, 1 expected failure (bad input,
     non-finite loss, unreadable data: one ``error:`` line on stderr), 128 + signal when
-    stopped by SIGTERM / SIGUSR1 after the checkpoint, 130 on Ctrl-C. A bug raises (the
-    traceback; Python exits with 1)."""
+    stopped by SIGTERM / SIGUSR1 (training: after the checkpoint; --eval: at once), 130 on
+    Ctrl-C. A bug raises (the traceback; Python exits with 1)."""
     parser = argparse.ArgumentParser("Mamba® training and evaluation script",
                                      parents=[get_args_parser()])
     args = parser.parse_args(argv)
@@ -637,6 +637,10 @@ def cli(argv=None):
                      "nothing saved (no --output_dir)")
             sys.stderr.write(f"{rank_prefix()}interrupted; {where}\n")
         return 128 + signal.SIGINT
+    except utils.Stopped as err:
+        if utils.is_main_process():
+            sys.stderr.write(f"Stopped by {err} during the evaluation (nothing to save)\n")
+        return 128 + err.signum
     except Exception as err:
         if utils.get_world_size() > 1 and utils.lost_contact(err) and not args.debug:
             # Another process failed (its error is its own to print) or was killed (the

@@ -303,16 +303,27 @@ def seed_everything(seed):
 
 # --------------------------------------------------------------------------- stop signals
 
+class Stopped(Exception):
+    """A stop signal that ends the process at once (see ``StopRequest``)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopRequest:
     """Records SIGTERM / SIGUSR1 (SLURM's pre-emption warning) so that training can stop at
     the next step boundary and write a checkpoint. Repeated signals are absorbed: torchrun
     forwards the SIGTERM that SLURM also sends directly, and that second copy must not kill
-    the checkpoint in progress. SIGINT keeps its default (immediate KeyboardInterrupt)."""
+    the checkpoint in progress. With ``at_once`` (an evaluation: nothing to save) the first
+    signal raises ``Stopped`` wherever the process is, as SIGINT, which keeps its default,
+    raises KeyboardInterrupt."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, at_once=False):
         self.signum = None
+        self.at_once = at_once
         self._previous = {}
 
     def __enter__(self):
@@ -327,6 +338,8 @@ class StopRequest:
         # No printing here: a handler that runs inside print() would re-enter the stream.
         if self.signum is None:
             self.signum = signum
+            if self.at_once:
+                raise Stopped(signum)
 
     @property
     def requested(self):

@@ -171,6 +171,17 @@ def test_sigterm_checkpoints_first(server, data, tmp_path, workers):
     assert checkpoint["epoch"] == 0 and not checkpoint["epoch_complete"]
 
 
+def test_sigterm_ends_an_evaluation_at_once(server, tmp_path):
+    data = make_image_folder(tmp_path / "data", train_per_class=1, val_per_class=20)
+    run = server.start([*RUN, "--data-path", data, "--num_workers", "2", "--eval"],
+                       tmp_path / "log")
+    run.wait_for("Test:  [ 1/14]")
+    os.killpg(run.pid, signal.SIGTERM)
+    code, output = run.end()
+    assert code == 128 + signal.SIGTERM and "Accuracy of the network" not in output, output
+    assert last_line(output) == "Stopped by SIGTERM during the evaluation (nothing to save)"
+
+
 def test_a_killed_worker_ends_the_run(server, data, tmp_path):
     run = server.start([*RUN, "--data-path", data, "--num_workers", "2"], tmp_path / "log")
     run.wait_for("Epoch: [0]  [1/8]")
