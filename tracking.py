@@ -16,6 +16,7 @@ The stage scripts open that parent with this file's command line:
     python tracking.py end --marker FILE --status FINISHED|FAILED|KILLED
 """
 import argparse
+import logging
 import os
 import platform
 import shlex
@@ -37,7 +38,7 @@ DEFAULT_EXPERIMENT = "mambar"
 # writes before any stage starts, so that rank 0 finds the id on whichever node it runs.
 PARENT_ENV = "MAMBAR_MLFLOW_PARENT"
 # MLflow 3's UI opens an experiment of this kind on its runs table, not on its GenAI pages.
-# (Releases whose sidebar has a GenAI / Machine learning switch follow the switch instead, or
+# (Releases with a "GenAI | Model training" switch in the sidebar follow the switch instead, or
 # ?workflowType=machine_learning in the address: README, "Logs and MLflow".)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REPO = Path(__file__).resolve().parent
@@ -54,8 +55,6 @@ def tracking_uri() -> str:
 def _client():
     """mlflow's client for ``tracking_uri()``, its INFO lines (database creation, migrations)
     kept out of the training log."""
-    import logging
-
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -110,6 +109,7 @@ def run_name(args) -> str:
 
 def stage_tags(args, device: torch.device) -> Dict[str, str]:
     """What tells the runs of a schedule apart in the runs table."""
+    # Imported here: it loads the Numba scan, which `python tracking.py parent` does not need.
     from selective_scan import requested_backend, resolve_backend
     return {"model": args.model, "stage": run_name(args), "input_size": str(args.input_size),
             "global_batch": str(args.batch_size * args.world_size * args.accum_iter),
@@ -188,6 +188,8 @@ class Tracker:
 
     def log_metrics(self, metrics: Dict[str, object], step: int) -> None:
         """The numbers among ``metrics`` at ``step``."""
+        if self._client is None:  # mlflow may not even be installed
+            return
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
