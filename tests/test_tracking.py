@@ -1,11 +1,12 @@
 """tracking.py, read back through MlflowClient from local sqlite stores: a schedule's parent run
 with a tagged child per stage, each run's metrics as in log.txt, its step-level curves and its
 files; one MLflow run across a SIGTERM and the resume; a store that is down costing no
-training."""
+training; and end to end (slow) a size script's stages under one parent across a rerun."""
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -319,3 +320,56 @@ def test_without_mlflow_installed_training_goes_on(monkeypatch, capsys):
     assert tracker.reference is None
     (warning,) = capsys.readouterr().err.splitlines()
     assert "mlflow is not installed" in warning
+
+
+# --------------------------------------------------------------------------- a size script
+
+TORCHRUN = """#!/usr/bin/env bash
+exec "{python}" -m torch.distributed.run "$@"
+"""
+
+
+@pytest.mark.slow
+def test_a_size_script_logs_its_stages_under_one_parent_across_a_rerun(empty_store, tmp_path):
+    """mambar_tiny.sh, one process per stage, 1 epoch each on 4 images, then relaunched with
+    the last stage unmarked (as after a failure between its end and its marker): the parent
+    is reused, finished stages are not logged again, the relaunched stage continues its run;
+    each stage started from the previous one's weights (--finetune) is a run of its own."""
+    uri, client = new_store(empty_store, tmp_path)
+    data = make_image_folder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    torchrun = tmp_path / "torchrun"
+    torchrun.write_text(TORCHRUN.format(python=sys.executable))
+    torchrun.chmod(torchrun.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MAMBAR_"))}
+    env.update(MLFLOW_TRACKING_URI=uri, DATA_PATH=data, OUTPUT_ROOT=str(tmp_path / "out"),
+               GPUS_PER_NODE="1", TORCHRUN=str(torchrun), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    command = ["bash", os.path.join(ROOT, "scripts", "mambar_tiny.sh"), "--", "--epochs", "1",
+               "--batch-size", "2", "--accum_iter", "1", "--num_workers", "0"]
+
+    def launch():
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    launch()
+    first = {r.info.run_name: r for r in runs_of(client, TINY)}
+    assert sorted(first) == ["eval", "ft", "mambar_tiny", "mid", "pt"]
+    parent = first["mambar_tiny"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["world_size"] == "1"
+    for name, input_size in (("pt", "128"), ("mid", "224"), ("ft", "224"), ("eval", "224")):
+        run = first[name]
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (run.data.tags["stage"], run.data.tags["input_size"]) == (name, input_size)
+    assert len({first[n].info.run_id for n in ("pt", "mid", "ft")}) == 3
+
+    os.remove(tmp_path / "out" / TINY / "ft" / "stage.done")
+    launch()
+    runs = runs_of(client, TINY)
+    assert sorted(r.info.run_name for r in runs) == ["eval", "eval", "ft", "mambar_tiny", "mid",
+                                                     "pt"]
+    assert {r.info.run_id for r in runs if r.info.run_name != "eval"} == \
+        {first[n].info.run_id for n in ("mambar_tiny", "pt", "mid", "ft")}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs
+               if r.info.run_name != "mambar_tiny")
