@@ -230,8 +230,7 @@ def test_one_mlflow_run_across_a_sigterm_and_its_resume(empty_store, data, tmp_p
                                                          monkeypatch):
     """SIGTERM in epoch 1 stops the run mid-epoch: KILLED, its id in the checkpoint. The same
     command continues that MLflow run, RUNNING while it trains, FINISHED at the end, its step
-    curve going on from the step it stopped at: every step once. A --finetune from it is
-    another run."""
+    curve going on from the step it stopped at: every step once."""
     uri, client = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "run"
@@ -277,8 +276,9 @@ def mlflow_lines(err):
 
 def test_a_store_that_is_down_costs_no_training(empty_store, data, tmp_path, monkeypatch,
                                                 capfd):
-    """A tracking server that does not answer at the start, or a store that fails as the run
-    ends: one warning each time, and training ends as without tracking (exit 0, checkpoint)."""
+    """A tracking server that does not answer at the start, or a store that fails later (here
+    as the run ends, its last call): one warning each time, and training ends as without
+    tracking (exit 0, checkpoint)."""
     from mlflow.exceptions import MlflowException
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     argv = RUN + ["--data-path", data, "--batch", "4", "--epochs", "1", "--no-model-ema"]
