@@ -23,7 +23,7 @@
 # took 9 epochs to 94.2%), colour jitter, mixup, cutmix, EMA, drop path or repeated
 # augmentation; stage 1 without RandAugment (timm's random-resized crop, scale 0.08-1); stages
 # 2-3 with ThreeAugment's simple-random-crop variant (--src) instead of a random-resized crop,
-# which would cut most of the digit away. About a fifth of the time is the four launches
+# which would cut most of the digit away. About a fifth of the time is the launches
 # (imports, data, MLflow). Longer schedules and other learning rates tried on the way:
 # BENCHMARKS.md, "Tried and not kept".
 # 48 px is skipped on purpose: 3x3 patches put all 12 registers before the patches
