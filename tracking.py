@@ -2,9 +2,10 @@
 children of one parent run; the run's files as artifacts beside its metrics.
 
 Rank 0 only, and never fatal: the first failure (mlflow missing, a tracking server down at the
-start or later) prints one warning, tracking stops and training goes on. Tracks to
-``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory, in experiment
-``$MLFLOW_EXPERIMENT_NAME`` (default ``mambar``).
+start or later) prints one warning, tracking stops and training goes on; a server that does not
+answer holds rank 0 for MLflow's retries first ($MLFLOW_HTTP_REQUEST_MAX_RETRIES, default 7:
+about 4 minutes), once. Tracks to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
+working directory, in experiment ``$MLFLOW_EXPERIMENT_NAME`` (default ``mambar``).
 
 A checkpoint keeps its run's id (``Tracker.reference``): a resumed run continues that MLflow run,
 its metrics at their own steps. A new run is a child of ``$MAMBAR_MLFLOW_PARENT`` when set.
