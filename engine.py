@@ -4,6 +4,7 @@ needs: per-step reseeding, agreement across ranks on non-finite losses and stop 
 import math
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 from timm.utils import accuracy
@@ -28,14 +29,20 @@ class NonFiniteBudget:
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, args, amp_dtype=None,
                     scaler=None, model_ema=None, mixup_fn=None, start_step=0, stop=None,
-                    nonfinite=None):
+                    nonfinite=None,
+                    on_progress: Optional[Callable[[int, Dict[str, float]], None]] = None):
     """Train over ``data_loader`` from micro-batch ``start_step``.
 
     The optimizer steps every ``args.accum_iter`` micro-batches (and at the end of the epoch)
     on the mean gradient of the group. Every micro-batch reseeds python / numpy / torch from
     (seed, epoch, step, rank), so mixup, drop path and dropout draws depend only on where the
     run is. Returns (averaged stats, None) after a full epoch, or (stats, next micro-batch)
-    when ``stop`` was requested: all ranks then stop after the same optimizer step."""
+    when ``stop`` was requested: all ranks then stop after the same optimizer step.
+
+    ``on_progress(global step, {"loss": ..., "lr": ...})`` is called wherever a progress line
+    is printed (every ``args.print_freq`` micro-batches and at the last one), for curves finer
+    than an epoch: the global step is epoch x micro-batches per epoch + micro-batch, the loss
+    this rank's mean over the micro-batches since the previous call (each counted once)."""
     model.train(args.train_mode)
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -45,6 +52,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     rank = utils.get_rank()
     nonfinite = nonfinite or NonFiniteBudget(0)
     poisoned = False  # the current accumulation group met a skipped non-finite loss
+    losses_since_progress = []
     optimizer.zero_grad(set_to_none=True)
     batches = metric_logger.log_every(
         data_loader, args.print_freq, f"Epoch: [{epoch}]", start=start_step, total=total,
@@ -82,7 +90,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
                       f"{nonfinite.limit} used)", flush=True)
             else:
                 metric_logger.update(loss=loss_value)
+                losses_since_progress.append(loss_value)
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            if on_progress is not None and (step % args.print_freq == 0 or step == total - 1):
+                values = {"lr": optimizer.param_groups[0]["lr"]}
+                if losses_since_progress:
+                    values["loss"] = sum(losses_since_progress) / len(losses_since_progress)
+                    losses_since_progress.clear()
+                on_progress(epoch * total + step, values)
             if not steps_optimizer:
                 continue
             if not poisoned:

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 import checkpoints
 import models_mambar
 import models_vim
+import tracking
 import utils
 from datasets import DATASETS, UnreadableImageError, build_dataset
 from engine import NonFiniteBudget, NonFiniteLossError, evaluate, train_one_epoch
@@ -209,7 +210,15 @@ def get_args_parser():
                              "run instead of stopping at the first")
     parser.add_argument("--no-mlflow", action="store_false", dest="mlflow",
                         help="do not track the run with MLflow (default: track to "
-                             "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+                             "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a resumed run "
+                             "continues its MLflow run; $MAMBAR_MLFLOW_PARENT: parent run)")
+    parser.add_argument("--run-name", default="", metavar="NAME",
+                        help="MLflow run name and stage tag (default: eval for --eval, else "
+                             "the --output_dir folder's name, else the model)")
+    parser.add_argument("--mlflow-log-weights", action="store_true",
+                        help="at the end of training, log the weights as MLflow artifact "
+                             "model/MODEL.pth (loadable with timm's pretrained_cfg_overlay="
+                             "dict(file=...))")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
     # Distributed training parameters
@@ -367,6 +376,7 @@ def make_checkpoint(state, epoch, next_step, args):
         "max_accuracy": state["max_accuracy"],
         "best_source": state["best_source"],
         "nonfinite_skipped": state["nonfinite"].used,
+        "mlflow": state.get("mlflow"),
         "args": dict(vars(args)),
     }
 
@@ -408,6 +418,7 @@ def resume(checkpoint_path, state, args):
     state["max_accuracy"] = checkpoint.get("max_accuracy", 0.0)
     state["best_source"] = checkpoint.get("best_source")
     state["nonfinite"].used = checkpoint.get("nonfinite_skipped", 0)
+    state["mlflow"] = checkpoint.get("mlflow")
     if checkpoint.get("epoch_complete", True):
         start = (checkpoint["epoch"] + 1, 0)
     elif any(checkpoint.get("args", {}).get(k) != getattr(args, k) for k in MID_EPOCH_LAYOUT):
@@ -488,12 +499,14 @@ def run(args, device, stop):
              "model_ema": model_ema,
              "scaler": torch.amp.GradScaler("cuda") if use_scaler else None,
              "max_accuracy": 0.0, "best_source": None,
-             "nonfinite": NonFiniteBudget(args.skip_nonfinite)}
+             "nonfinite": NonFiniteBudget(args.skip_nonfinite), "mlflow": None}
     start_epoch, start_step = args.start_epoch, 0
     if checkpoint_path:
         start_epoch, start_step = resume(checkpoint_path, state, args)
 
-    tracker = utils.MlflowRun(args, {**vars(args), "n_parameters": n_parameters}, args.mlflow)
+    tracker = tracking.start(args, device, {**vars(args), "n_parameters": n_parameters},
+                             state["mlflow"])
+    state["mlflow"] = tracker.reference or state["mlflow"]
     try:
         if args.eval:
             code = run_eval(loader_val, dataset_val, model_eval, state, device, amp_dtype, args,
@@ -502,6 +515,9 @@ def run(args, device, stop):
             code = run_training(model, model_eval, criterion, loader_train, loader_val, state,
                                 device, amp_dtype, mixup_fn, start_epoch, start_step, stop,
                                 args, tracker, n_parameters)
+    except (KeyboardInterrupt, utils.Stopped):
+        tracker.end("KILLED")
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
@@ -534,7 +550,8 @@ def run_training(model, model_eval, criterion, loader_train, loader_val, state, 
         state["lr_scheduler"].step(epoch)
         train_stats, next_step = train_one_epoch(
             model, criterion, loader_train, state["optimizer"], device, epoch, args, amp_dtype,
-            state["scaler"], state["model_ema"], mixup_fn, start_step, stop, state["nonfinite"])
+            state["scaler"], state["model_ema"], mixup_fn, start_step, stop, state["nonfinite"],
+            on_progress=tracker.log_train_step)
         start_step = 0
         if next_step is not None:
             save(state, epoch, next_step, args, best=False)
@@ -560,12 +577,15 @@ def run_training(model, model_eval, criterion, loader_train, loader_val, state, 
         if args.output_dir and utils.is_main_process():
             utils.append_log(args.output_dir,
                              {**stats, "epoch": epoch, "n_parameters": n_parameters})
+            tracker.log_file(os.path.join(args.output_dir, "log.txt"))
         tracker.log_metrics(stats, step=epoch)
         if utils.any_rank(stop.requested)[0] and epoch + 1 < args.epochs:
             return stopped(stop, epoch + 1, 0, args)
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}; max accuracy {state['max_accuracy']:.2f}% "
           f"({state['best_source']})")
+    if args.mlflow_log_weights:
+        tracker.log_weights(state["model"], args.model)
     return 0
 
 

@@ -1,20 +1,17 @@
-"""Process-level helpers: user errors, metric logging, distributed setup, seeding, stop signals
-and MLflow tracking. Logging and distributed setup follow DeiT's utils.py."""
+"""Process-level helpers: user errors, metric logging, distributed setup, seeding and stop
+signals. Logging and distributed setup follow DeiT's utils.py."""
 import builtins
 import datetime
 import faulthandler
 import hashlib
 import json
-import logging
 import os
 import random
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import warnings
 from collections import defaultdict, deque
 
 import numpy as np
@@ -356,58 +353,3 @@ def append_log(output_dir, stats):
     """One JSON line per epoch in ``output_dir/log.txt``, as DeiT writes it."""
     with open(os.path.join(output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
-
-
-# --------------------------------------------------------------------------- MLflow
-
-class MlflowRun:
-    """One MLflow run per invocation, on rank 0 only; a no-op elsewhere, when disabled, or
-    when mlflow is not installed (a warning, training goes on). Tracks to
-    ``MLFLOW_TRACKING_URI`` when set, else to ``sqlite:///mlflow.db`` in the working directory
-    (mlflow 3 refuses the old ./mlruns file store by default)."""
-
-    DEFAULT_URI = "sqlite:///mlflow.db"
-
-    def __init__(self, args, params, enabled=True):
-        self.mlflow = None
-        if not enabled or not is_main_process():
-            return
-        try:
-            import mlflow
-        except ImportError:
-            print("warning: mlflow is not installed; not tracking this run (--no-mlflow hides "
-                  "this warning)", file=sys.stderr)
-            return
-        # Its INFO lines (database creation, new experiment) would drown the training log.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        try:
-            with warnings.catch_warnings():
-                # Deprecation notices from mlflow's own dependencies (SQLAlchemy).
-                warnings.simplefilter("ignore", DeprecationWarning)
-                mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or self.DEFAULT_URI)
-                mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "mambar"))
-            run_name = os.path.basename(os.path.normpath(args.output_dir)) if args.output_dir \
-                else args.model
-            mlflow.start_run(run_name=run_name)
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            self.mlflow = mlflow
-        except Exception as err:  # tracking must never stop training
-            print(f"warning: MLflow tracking disabled: {error_line(err)}",
-                  file=sys.stderr)
-
-    def log_metrics(self, metrics, step):
-        if self.mlflow is None:
-            return
-        numeric = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        try:
-            self.mlflow.log_metrics(numeric, step=step)
-        except Exception as err:
-            print(f"warning: MLflow logging failed, tracking disabled: "
-                  f"{error_line(err)}", file=sys.stderr)
-            self.mlflow = None
-
-    def end(self, status="FINISHED"):
-        if self.mlflow is not None:
-            self.mlflow.end_run(status=status)
-            self.mlflow = None

@@ -24,6 +24,13 @@
 # if it was stopped by SIGTERM/SIGUSR1) and ignores --finetune. If a stage had in fact finished
 # but the marker was not written, the relaunch trains zero epochs and exits 0.
 #
+# MLflow: the schedule is one parent run (named after the script, its id kept in
+# $OUTPUT_ROOT/$MODEL/mlflow_parent so that a rerun reuses it) and each stage and the eval a
+# child run (pt/mid/ft/eval). main.py reads the parent's id from that file, named by
+# $MAMBAR_MLFLOW_PARENT: node 0 writes it before any stage starts, so rank 0 finds it on any
+# node. The parent ends FINISHED after the eval, FAILED (or KILLED, exit code > 128) when a
+# stage fails. `-- --no-mlflow` turns tracking off.
+#
 # Global batch: the script keeps each stage's recipe global batch whatever the number of GPUs,
 # by splitting it as  global = GPUs x per-GPU batch x --accum_iter  with the per-GPU batch at
 # most min(Sn_BATCH, MAX_GPU_BATCH). When the GPU count does not divide the global batch, it
@@ -55,7 +62,8 @@ Options (each also settable through the environment variable in brackets):
                          without running anything [DRY_RUN=1]
   -h, --help             this text
 Also: PYTHON (default python), TORCHRUN (default torchrun), MLFLOW_TRACKING_URI,
-MLFLOW_EXPERIMENT_NAME (default: the model name).
+MLFLOW_EXPERIMENT_NAME (default: the model name); the schedule is one MLflow parent run, each
+stage a child (-- --no-mlflow: no tracking).
 Flags after -- go to every main.py command (e.g. -- --num_workers 16).
 EOF
 }
@@ -106,6 +114,22 @@ _split_batch() {
     while (( per % accum != 0 )); do accum=$((accum + 1)); done
     BATCH=$((per / accum)) ACCUM=$accum
     BATCH_NOTE="global batch $global = $world GPUs x $BATCH x accum $ACCUM"
+}
+
+# The two below use run_recipe's locals (python, repo, parent, node_rank).
+_end_parent() {  # status: FINISHED, FAILED or KILLED
+    if [[ -n "$parent" ]] && (( node_rank == 0 )); then
+        "$python" "$repo/tracking.py" end --marker "$parent" --status "$1"
+    fi
+}
+
+_step() {  # runs a command of the schedule; if it fails, ends the parent run and exits likewise
+    local code=0 status=FAILED
+    "$@" || code=$?
+    (( code == 0 )) && return 0
+    (( code > 128 )) && status=KILLED
+    _end_parent "$status"
+    exit "$code"
 }
 
 run_recipe() {
@@ -176,6 +200,18 @@ run_recipe() {
     # catches it and checkpoints; this shell and torchrun must not die of it first.
     trap '' USR1
 
+    local parent=""
+    if [[ " ${extra[*]-} " != *" --no-mlflow "* ]]; then
+        parent="$base/mlflow_parent"
+        export MAMBAR_MLFLOW_PARENT=$parent
+        if [[ "$dry_run" == 1 ]]; then
+            echo "# MLflow: parent run $(basename "$0" .sh), its id in $parent"
+        elif (( node_rank == 0 )); then
+            "$python" "$repo/tracking.py" parent --marker "$parent" --name "$(basename "$0" .sh)" \
+                --tag model="$MODEL" --tag world_size="$world" >/dev/null
+        fi
+    fi
+
     local i dir prev_dir="" marker
     for i in 1 2 3; do
         local name=${names[$((i - 1))]}
@@ -185,7 +221,7 @@ run_recipe() {
         dir="$base/$name"
         marker="$dir/stage.done"
         _split_batch "${!s_global}" "${!s_batch}" "$world"
-        local -a cmd=("${launcher[@]}" "$repo/main.py" --model "$MODEL"
+        local -a cmd=("${launcher[@]}" "$repo/main.py" --model "$MODEL" --run-name "$name"
                       --batch-size "$BATCH")
         (( ACCUM > 1 )) && cmd+=(--accum_iter "$ACCUM")
         cmd+=("${s_args[@]}" --data-path "$data_path")
@@ -205,7 +241,7 @@ run_recipe() {
                 if [[ -n "$prev_dir" && ! -f "$prev_dir/checkpoint.pth" ]]; then
                     _die "stage $i needs $prev_dir/checkpoint.pth, which does not exist"
                 fi
-                "${cmd[@]}"
+                _step "${cmd[@]}"
                 mkdir -p "$dir"
                 date -u +"finished %Y-%m-%dT%H:%M:%SZ" > "$marker"
             fi
@@ -213,7 +249,8 @@ run_recipe() {
         prev_dir=$dir
     done
 
-    local -a eval_cmd=("$python" "$repo/main.py" --model "$MODEL" --eval --eval-crop-ratio 1.0
+    local -a eval_cmd=("$python" "$repo/main.py" --model "$MODEL" --run-name eval
+                       --eval --eval-crop-ratio 1.0
                        --batch-size "$EVAL_BATCH" --input-size 224 --data-path "$data_path"
                        --resume "$prev_dir/checkpoint.pth" ${extra[@]+"${extra[@]}"})
     if (( node_rank != 0 )); then
@@ -223,6 +260,7 @@ run_recipe() {
     echo "# eval of the final checkpoint (one process)"
     _print_cmd "${eval_cmd[@]}"
     if [[ "$dry_run" != 1 ]]; then
-        "${eval_cmd[@]}"
+        _step "${eval_cmd[@]}"
+        _end_parent FINISHED
     fi
 }

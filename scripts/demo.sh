@@ -23,16 +23,17 @@
 # took 9 epochs to 94.2%), colour jitter, mixup, cutmix, EMA, drop path or repeated
 # augmentation; stage 1 without RandAugment (timm's random-resized crop, scale 0.08-1); stages
 # 2-3 with ThreeAugment's simple-random-crop variant (--src) instead of a random-resized crop,
-# which would cut most of the digit away. About a fifth of the time is the four launches
+# which would cut most of the digit away. About a fifth of the time is the launches
 # (imports, data, MLflow). Longer schedules and other learning rates tried on the way:
 # BENCHMARKS.md, "Tried and not kept".
 # 48 px is skipped on purpose: 3x3 patches put all 12 registers before the patches
 # (L = floor(9 / 13) = 0); in our runs it lost accuracy.
 #
-# Output: output/demo/{pt,mid,ft} (checkpoints, log.txt), MLflow runs in
-# output/demo/mlflow.db (open with: mlflow ui --backend-store-uri sqlite:///output/demo/mlflow.db).
-# Every run starts over. Variables: PYTHON (default: .venv/bin/python when present), DEMO_OUTPUT,
-# DEMO_NPROC (training processes, default 2; the learning rates assume 2 x 16 images).
+# Output: output/demo/{pt,mid,ft} (checkpoints, log.txt); in output/demo/mlflow.db a parent
+# MLflow run "demo" with the child runs pt, mid, ft and eval (README, "Logs and MLflow").
+# Every run starts over, with a new parent run. Variables: PYTHON (default: .venv/bin/python when
+# present), DEMO_OUTPUT, DEMO_NPROC (training processes, default 2; the learning rates assume
+# 2 x 16 images).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,10 +41,17 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 out=${DEMO_OUTPUT:-$repo/output/demo}
-rm -rf "$out"/{pt,mid,ft} "$out"/{pt,mid,ft,eval}.log
+rm -rf "$out"/{pt,mid,ft} "$out"/{pt,mid,ft,eval}.log "$out/mlflow_parent"
 mkdir -p "$out"
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$out/mlflow.db}
 export MLFLOW_EXPERIMENT_NAME=${MLFLOW_EXPERIMENT_NAME:-mambar-demo}
+export MAMBAR_MLFLOW_PARENT=$out/mlflow_parent   # read by main.py: the stages' parent run
+fail() {  # log, what failed: its last lines, an error, the parent run ended FAILED
+    tail -n 20 "$1"
+    echo "error: $2 (log: $1)" >&2
+    "$PYTHON" "$repo/tracking.py" end --marker "$MAMBAR_MLFLOW_PARENT" --status FAILED
+    exit 1
+}
 # One compute thread per process; threads that wait for work sleep instead of spinning (when
 # anything else runs on the machine, spinning threads stall the scan's many small steps).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -59,12 +67,14 @@ stage() {  # name, then main.py flags
     shift
     echo "== stage $name: torchrun --nproc_per_node $nproc main.py $*"
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
-        "$repo/main.py" "${common[@]}" --output_dir "$out/$name" "$@" \
-        > "$out/$name.log" 2>&1 || { tail -n 20 "$out/$name.log"; echo "error: stage $name failed (log: $out/$name.log)" >&2; exit 1; }
+        "$repo/main.py" "${common[@]}" --output_dir "$out/$name" --run-name "$name" "$@" \
+        > "$out/$name.log" 2>&1 || fail "$out/$name.log" "stage $name failed"
     echo "   $(grep -E '^Training time' "$out/$name.log" | tail -n 1 | sed 's/^Training time [^;]*; //'), $((SECONDS - t0)) s"
 }
 
 start=$SECONDS
+"$PYTHON" "$repo/tracking.py" parent --marker "$MAMBAR_MLFLOW_PARENT" --name demo \
+    --tag model=mambar_tiny_patch16_224 --tag world_size="$nproc" >/dev/null
 stage pt  --input-size 32 --epochs 2 --lr 3e-4 --weight-decay 0.05 --smoothing 0.0 --aa none
 stage mid --input-size 64 --epochs 1 --lr 1e-4 --weight-decay 0.05 --smoothing 0.0 \
           --ThreeAugment --src --finetune "$out/pt/checkpoint.pth"
@@ -73,11 +83,11 @@ stage ft  --input-size 64 --epochs 1 --lr 2e-5 --weight-decay 0.1 --smoothing 0.
 
 echo "== eval: python main.py --eval --resume $out/ft/checkpoint.pth"
 "$PYTHON" "$repo/main.py" --model mambar_tiny_patch16_224 --data-set DIGITS --input-size 64 \
-    --eval --eval-crop-ratio 1.0 --batch-size 64 --num_workers 1 \
-    --resume "$out/ft/checkpoint.pth" > "$out/eval.log" 2>&1 \
-    || { tail -n 20 "$out/eval.log"; echo "error: eval failed (log: $out/eval.log)" >&2; exit 1; }
+    --eval --eval-crop-ratio 1.0 --batch-size 64 --num_workers 1 --run-name eval \
+    --resume "$out/ft/checkpoint.pth" > "$out/eval.log" 2>&1 || fail "$out/eval.log" "eval failed"
 top1=$(sed -n 's/^Accuracy of the network on the .* test images: \([0-9.]*\)%.*/\1/p' "$out/eval.log" | tail -n 1)
-[[ -n "$top1" ]] || { tail -n 20 "$out/eval.log"; echo "error: no accuracy in $out/eval.log" >&2; exit 1; }
+[[ -n "$top1" ]] || fail "$out/eval.log" "no accuracy in $out/eval.log"
+"$PYTHON" "$repo/tracking.py" end --marker "$MAMBAR_MLFLOW_PARENT" --status FINISHED
 elapsed=$((SECONDS - start))
 printf 'Final top-1 on the 360 digits validation images: %s%%\n' "$top1"
 printf 'Total wall time: %d min %02d s (%d s)\n' $((elapsed / 60)) $((elapsed % 60)) "$elapsed"

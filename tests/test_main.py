@@ -1,5 +1,6 @@
-"""main.py: DeiT's flags, --finetune across resolutions, --eval of released checkpoints, MLflow
-tracking, and the README's three training stages + evaluation end to end with 2 processes."""
+"""main.py: DeiT's flags, --finetune across resolutions, --eval of released checkpoints, the best
+checkpoint, and the README's three training stages + evaluation end to end with 2 processes
+(MLflow tracking: test_tracking.py)."""
 import json
 import os
 import shlex
@@ -10,8 +11,6 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from PIL import Image
-from torchvision import transforms
 
 import main
 from helpers import make_image_folder
@@ -143,91 +142,6 @@ def test_eval_of_a_released_format_checkpoint(tmp_path, capsys):
     assert set(torch.load(path)["model"]) == set(state_dict)
 
 
-def evaluate_by_hand(state_dict, data):
-    """Loss and top-1 of ``state_dict`` on the val split, with the spec's evaluation
-    preprocessing written out (resize 32 / 0.875 bicubic, center crop, normalise)."""
-    model = timm.create_model(TINY, num_classes=2, img_size=32)
-    model.load_state_dict(state_dict)
-    model.eval()
-    prep = transforms.Compose([
-        transforms.Resize(36, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(32), transforms.ToTensor(),
-        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    images, labels = [], []
-    for label in (0, 1):
-        for name in ("0.png", "1.png"):
-            images.append(prep(Image.open(os.path.join(data, "val", f"class{label}", name))
-                               .convert("RGB")))
-            labels.append(label)
-    with torch.no_grad():
-        logits = model(torch.stack(images))
-    labels = torch.tensor(labels)
-    return (torch.nn.functional.cross_entropy(logits, labels).item(),
-            100.0 * (logits.argmax(1) == labels).float().mean().item())
-
-
-def test_training_and_eval_are_tracked_in_mlflow_as_in_log_txt(tmp_path, monkeypatch):
-    """Every value of log.txt is the one MLflow has for that epoch; the EMA figures are those
-    of the EMA weights (an EMA of decay 0.5 and a large lr keep them apart from the live
-    weights'); --eval of the last checkpoint logs the last epoch's test figures again."""
-    import mlflow
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    data = make_image_folder(tmp_path / "data")
-    out = tmp_path / "run"
-    common = ["--model", TINY, "--data-path", data, "--input-size", "32", "--batch", "4",
-              "--num_workers", "0"]
-    code = main.cli(common + ["--epochs", "2", "--output_dir", str(out), "--lr", "0.05",
-                              "--warmup-epochs", "1", "--model-ema-decay", "0.5"])
-    assert code == 0
-    assert sorted(os.listdir(out)) == ["best_checkpoint.pth", "checkpoint.pth", "log.txt"]
-    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [0, 1]
-    metrics = {"train_loss", "train_lr", "test_loss", "test_acc1", "test_acc5", "test_ema_loss",
-               "test_ema_acc1", "test_ema_acc5", "max_accuracy"}
-    assert set(lines[0]) == metrics | {"epoch", "n_parameters"}
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs(client.get_experiment_by_name("mambar").experiment_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert run.data.params["model"] == TINY and run.data.params["lr_scaled"] == str(0.05 * 4 / 512)
-    assert set(run.data.metrics) == metrics
-    for name in metrics:
-        history = client.get_metric_history(run.info.run_id, name)
-        assert sorted((m.step, m.value) for m in history) == \
-            [(e, line[name]) for e, line in enumerate(lines)], name
-    # Epoch 0 runs at the warm-up lr, epoch 1 halfway down the cosine (1 of 2 epochs) from
-    # 0.05 x 4 / 512 to the min lr 1e-5.
-    assert [line["train_lr"] for line in lines] == \
-        pytest.approx([1e-6, 1e-5 + (0.05 * 4 / 512 - 1e-5) / 2])
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["epoch_complete"], checkpoint["args"]["model"]) == \
-        (1, True, TINY)
-    live_loss, live_acc1 = evaluate_by_hand(checkpoint["model"], data)
-    ema_loss, ema_acc1 = evaluate_by_hand(checkpoint["model_ema"], data)
-    assert abs(live_loss - ema_loss) > 1e-3
-    last = lines[-1]
-    assert (last["test_loss"], last["test_acc1"]) == pytest.approx((live_loss, live_acc1),
-                                                                   rel=1e-4)
-    assert (last["test_ema_loss"], last["test_ema_acc1"]) == pytest.approx((ema_loss, ema_acc1),
-                                                                           rel=1e-4)
-    # The best of both, over the epochs, is what is kept as the best.
-    assert [line["max_accuracy"] for line in lines] == [
-        max(max(x["test_acc1"], x["test_ema_acc1"]) for x in lines[:i + 1])
-        for i in range(len(lines))]
-    assert torch.load(out / "best_checkpoint.pth", weights_only=True)["best_acc1"] == \
-        last["max_accuracy"]
-
-    assert main.cli(common + ["--eval", "--resume", str(out / "checkpoint.pth")]) == 0
-    runs = client.search_runs(client.get_experiment_by_name("mambar").experiment_id)
-    (evaluation,) = [r for r in runs if r.info.run_name == TINY]
-    assert evaluation.info.status == "FINISHED"
-    tested = {k for k in metrics if k.startswith("test_")}
-    assert set(evaluation.data.metrics) == tested
-    for name in tested:
-        (logged,) = client.get_metric_history(evaluation.info.run_id, name)
-        assert (logged.step, logged.value) == (0, pytest.approx(last[name], rel=1e-6)), name
-
-
 def test_the_best_checkpoint_is_chosen_over_live_and_ema_accuracies(tmp_path, monkeypatch):
     """Evaluation is replaced by fixed accuracies per epoch, one series for the EMA module
     and one for the live model: the best (and its source) is the highest of either, and
@@ -301,7 +215,7 @@ def test_three_stages_and_eval_with_two_processes(launcher, tmp_path, monkeypatc
         import mlflow
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
         runs = client.search_runs(client.get_experiment_by_name("mambar").experiment_id)
-        assert sorted(r.info.run_name for r in runs) == sorted(["pt", "mid", "ft", TINY])
+        assert sorted(r.info.run_name for r in runs) == ["eval", "ft", "mid", "pt"]
         # 2 processes x batch 2: the lr flag x 4 / 512, except stage 3's --unscale-lr.
         lr = {r.info.run_name: float(r.data.params["lr_scaled"]) for r in runs}
         assert (lr["pt"], lr["mid"], lr["ft"]) == pytest.approx((5e-4 * 4 / 512, 2e-4 * 4 / 512,

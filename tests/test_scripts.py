@@ -95,6 +95,7 @@ def test_dry_run_prints_three_chained_stages_and_eval(size, parser, tmp_path):
         assert opts["node_rank"] == "0" and "master_addr" in opts and "master_port" in opts
         assert args.model == model
         assert args.output_dir == f"{tmp_path}/{model}/{('pt', 'mid', 'ft')[i]}"
+        assert args.run_name == ('pt', 'mid', 'ft')[i]
         assert args.data_path == "/data/imagenet"
         assert (args.input_size, args.epochs) == (input_size, epochs)
         assert (args.batch_size, args.accum_iter) == (batch, accum)
@@ -116,7 +117,8 @@ def test_dry_run_prints_three_chained_stages_and_eval(size, parser, tmp_path):
     assert "torchrun" not in launcher[0]
     assert ev.eval and ev.resume == f"{stages[2][1].output_dir}/checkpoint.pth"
     assert (ev.model, ev.input_size, ev.eval_crop_ratio, ev.batch_size) == (model, 224, 1.0, 128)
-    assert ev.finetune == ""
+    assert ev.finetune == "" and ev.run_name == "eval"
+    assert f"# MLflow: parent run mambar_{size}, its id in {tmp_path}/{model}/mlflow_parent" in out
 
 
 def test_large_recipe_extras(parser):
@@ -202,12 +204,13 @@ def test_completed_stage_skipped_and_interrupted_stage_resumed(tmp_path, parser)
 
 
 STUB = """#!/usr/bin/env bash
-# Records its command line; as a launcher of main.py, leaves a checkpoint in --output_dir.
-echo "$(basename "$0") $*" >> "{log}"
+# Records its command line and the parent run's variable; as a launcher of main.py, leaves a
+# checkpoint in --output_dir.
+echo "$(basename "$0") $* parent=${{MAMBAR_MLFLOW_PARENT:-}}" >> "{log}"
 prev=""
 for a in "$@"; do
     if [[ "$prev" == --output_dir ]]; then mkdir -p "$a"; echo x > "$a/checkpoint.pth"; fi
-    if [[ "$prev" == --output_dir && -n "${{FAIL_IN:-}}" && "$a" == *"$FAIL_IN" ]]; then exit 3; fi
+    if [[ "$prev" == --output_dir && -n "${{FAIL_IN:-}}" && "$a" == *"$FAIL_IN" ]]; then exit "${{FAIL_CODE:-3}}"; fi
     prev=$a
 done
 """
@@ -223,16 +226,37 @@ def stubs(tmp_path):
                 OUTPUT_ROOT=tmp_path / "out"), log
 
 
+def steps(log):
+    """What the stub launchers were asked to run: the parent run's opening and end, each stage
+    (with the parent run's variable it saw) and the eval."""
+    out = []
+    for call in log.read_text().splitlines():
+        args = call.split()
+        if args[1].endswith("tracking.py"):
+            out.append(" ".join([args[2]] + [a for a in args[3:] if a.isupper()]))
+        else:
+            out.append(f"{args[args.index('--run-name') + 1]} {args[-1]}")
+    return out
+
+
 def test_real_run_chains_marks_and_skips(tmp_path):
     env, log = stubs(tmp_path)
     run_script("mambar_tiny.sh", **env)
-    calls = log.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ["torchrun"] * 3 + ["python"]
     base = tmp_path / "out" / "mambar_tiny_patch16_224"
+    parent = f"parent={base}/mlflow_parent"
+    assert steps(log) == ["parent"] + [f"{s} {parent}" for s in ("pt", "mid", "ft", "eval")] \
+        + ["end FINISHED"]
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["python"] + ["torchrun"] * 3 + ["python"] * 2
+    assert calls[0].split()[1:6] == [f"{REPO}/tracking.py", "parent", "--marker",
+                                     f"{base}/mlflow_parent", "--name"]
     assert all((base / s / "stage.done").is_file() for s in ("pt", "mid", "ft"))
     log.unlink()
     run_script("mambar_tiny.sh", **env)          # everything done: only the eval runs again
-    assert [c.split()[0] for c in log.read_text().splitlines()] == ["python"]
+    assert steps(log) == ["parent", f"eval {parent}", "end FINISHED"]
+    log.unlink()
+    run_script("mambar_tiny.sh", "--", "--no-mlflow", **env)
+    assert steps(log) == ["eval parent="]
 
 
 def test_failed_stage_stops_the_chain(tmp_path):
@@ -243,12 +267,21 @@ def test_failed_stage_stops_the_chain(tmp_path):
     assert (base / "pt" / "stage.done").is_file()
     assert (base / "mid" / "checkpoint.pth").is_file()
     assert not (base / "mid" / "stage.done").exists()
-    assert not (base / "ft").exists() and len(log.read_text().splitlines()) == 2
-    # The rerun skips pt and relaunches mid (main.py resumes it from its checkpoint).
+    assert not (base / "ft").exists()
+    assert [s.split()[0] for s in steps(log)] == ["parent", "pt", "mid", "end"]
+    assert steps(log)[-1] == "end FAILED"
+    # The rerun reopens the parent, skips pt and relaunches mid (main.py resumes it from its
+    # checkpoint).
     log.unlink()
     run_script("mambar_small.sh", **env)
+    assert [s.split()[0] for s in steps(log)] == ["parent", "mid", "ft", "eval", "end"]
     calls = log.read_text().splitlines()
-    assert len(calls) == 3 and "/mid" in calls[0] and "--finetune" in calls[0]
+    assert "/mid" in calls[1] and "--finetune" in calls[1]
+    # Stopped by a signal (exit code 128 + SIGTERM): the parent run ends KILLED.
+    log.unlink()
+    os.remove(base / "ft" / "stage.done")
+    proc = run_script("mambar_small.sh", check=False, FAIL_IN="/ft", FAIL_CODE=143, **env)
+    assert proc.returncode == 143 and steps(log)[-1] == "end KILLED"
 
 
 def test_missing_data_path_and_bad_option():

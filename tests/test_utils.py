@@ -18,31 +18,6 @@ def test_derive_seed_is_a_pure_function_of_its_keys():
     assert 0 <= utils.derive_seed(2 ** 40, 3) < 2 ** 63
 
 
-def test_mlflow_run_records_params_and_metrics(tmp_path, monkeypatch):
-    import mlflow
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    run = utils.MlflowRun(SimpleNamespace(output_dir="out/pt", model="m"), {"lr": 5e-4, "x": None})
-    run.log_metrics({"test_acc1": 12.5, "train_loss": 2.0, "flag": True, "name": "s"}, step=0)
-    run.log_metrics({"test_acc1": 25.0}, step=1)
-    run.end()
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    (logged,) = client.search_runs(client.get_experiment_by_name("mambar").experiment_id)
-    assert logged.info.run_name == "pt" and logged.info.status == "FINISHED"
-    assert logged.data.params == {"lr": "0.0005", "x": "None"}
-    assert [m.value for m in client.get_metric_history(logged.info.run_id, "test_acc1")] == \
-        [12.5, 25.0]
-    assert set(logged.data.metrics) == {"test_acc1", "train_loss"}
-
-
-def test_without_mlflow_installed_training_goes_on(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "mlflow", None)
-    run = utils.MlflowRun(SimpleNamespace(output_dir="", model="m"), {})
-    run.log_metrics({"a": 1.0}, step=0)
-    run.end()
-    assert "mlflow is not installed" in capsys.readouterr().err
-
-
 def test_slurm_tasks_join_one_process_group(monkeypatch):
     import builtins
     calls = []
