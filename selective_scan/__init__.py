@@ -268,7 +268,9 @@ def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable
     ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse) -> out`` and
     ``backward(<the same inputs>, dout, delta_softplus, reverse) -> (du, ddelta, dA, dB, dC,
     dD, dz, d delta_bias)``, None for an absent input. The backward needs only the inputs:
-    custom ops (``mixer_op.py``) call these, and autograd does not run inside an op."""
+    custom ops (``mixer_op.py``) call these, and autograd does not run inside an op. The
+    ``triton`` pair also takes output buffers, a scale and accumulation (see
+    ``triton_kernels.scan_forward`` and ``scan_backward``)."""
     if backend == "torch":
         module = _load_cpu_scan() if device.type == "cpu" else None
         return (module or loop).scan_forward, (module or loop).scan_backward
