@@ -332,16 +332,18 @@ def _scan_bwd_kernel(
     B_base = B_ptr + b * s_B_b
     C_base = C_ptr + b * s_C_b
     row_off = b * E * L + e[:, None] * L   # the dt scratch: contiguous (batch, E, L)
+    # du, ddelta, dz: base pointers, and offsets from them to which a chunk adds its times.
     if DENSE_GRADS:
-        # Contiguous du, ddelta, dz share the scratch's offsets, which take E and L, in
-        # registers already, as strides: no registers of their own.
-        du_off = row_off
-        ddt_off = row_off
-        dz_off = row_off
+        # Contiguous (batch, E, L): the scratch's rows, which take E and L, in registers
+        # already, as strides (the code from before strided outputs).
+        du_base, ddt_base, dz_base = du_ptr + row_off, ddelta_ptr + row_off, dz_ptr + row_off
+        du_off, ddt_off, dz_off = 0, 0, 0
     else:
-        du_off = b * s_du_b + e[:, None] * s_du_e
-        ddt_off = b * s_ddt_b + e[:, None] * s_ddt_e
-        dz_off = b * s_dz_b + e[:, None] * s_dz_e
+        # Per-image pointers and 32-bit offsets: with a unit channel stride, as channel-minor
+        # outputs have, an offset is the channel index itself, no register more.
+        du_base, du_off = du_ptr + b * s_du_b, e[:, None] * s_du_e
+        ddt_base, ddt_off = ddelta_ptr + b * s_ddt_b, e[:, None] * s_ddt_e
+        dz_base, dz_off = dz_ptr + b * s_dz_b, e[:, None] * s_dz_e
     ckpt_ptrs = ckpt_ptr + (b * E + e_s[:, None]) * s_ckpt_e + n_s[None, :]
     n_chunks = gl.cdiv(L, T)
 
@@ -389,11 +391,11 @@ def _scan_bwd_kernel(
     tr = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(1, reduce3)))
     nr = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, reduce3)))
     if DENSE_GRADS:  # contiguous fp32 (batch, N, L)
-        dB_off = b * N * L + nr[None, :] * L
-        dC_off = dB_off
+        bnl_off = b * N * L + nr[None, :] * L
+        dB_base, dC_base, dB_off, dC_off = dB_ptr + bnl_off, dC_ptr + bnl_off, 0, 0
     else:
-        dB_off = b * s_dB_b + nr[None, :] * s_dB_n
-        dC_off = b * s_dC_b + nr[None, :] * s_dC_n
+        dB_base, dB_off = dB_ptr + b * s_dB_b, nr[None, :] * s_dB_n
+        dC_base, dC_off = dC_ptr + b * s_dC_b, nr[None, :] * s_dC_n
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t0, t, t_mask = _chunk_times(c, L, cols, T, REVERSE)
@@ -429,7 +431,7 @@ def _scan_bwd_kernel(
         if HAS_Z:
             zt = _load_tile(z_base, e, s_z_e, t, s_z_l, mask)
             sig = _sigmoid(zt)
-            _store_or_add(dz_ptr + dz_off + t[None, :] * s_dz_l,
+            _store_or_add(dz_base + (dz_off + t[None, :] * s_dz_l),
                           dout * y * sig * (1.0 + zt * (1.0 - sig)), mask, DZ_ACCUMULATE)
             dy = dout * zt * sig
 
@@ -471,8 +473,8 @@ def _scan_bwd_kernel(
         ddt = gl.where(mask, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += gl.sum(ddt, axis=1)
-        gl.store(du_ptr + du_off + t[None, :] * s_du_l, du, mask=mask)
-        gl.store(ddelta_ptr + ddt_off + t[None, :] * s_ddt_l, ddt, mask=mask)
+        gl.store(du_base + (du_off + t[None, :] * s_du_l), du, mask=mask)
+        gl.store(ddt_base + (ddt_off + t[None, :] * s_ddt_l), ddt, mask=mask)
 
         _barrier()  # every thread's g, h, dt u and dy of the chunk are in shared memory
         # dB and dC: sums over this program's channels, a warp's worth of channels at a time,
@@ -490,8 +492,10 @@ def _scan_bwd_kernel(
             dC += gl.sum(h3.slice(w * 32, 32, dim=1).load(reduce3) * dy_w[:, :, None], axis=1)
         # (token, state) pairs on the lanes, states fastest: a channel-minor dB or dC (column
         # slices of one (B, L, R + 2N) buffer) gets a token's states from adjacent lanes.
-        gl.atomic_add(dB_ptr + dB_off + tt[:, None] * s_dB_l, dB, mask=bc_mask, sem="relaxed")
-        gl.atomic_add(dC_ptr + dC_off + tt[:, None] * s_dC_l, dC, mask=bc_mask, sem="relaxed")
+        gl.atomic_add(dB_base + (dB_off + tt[:, None] * s_dB_l), dB, mask=bc_mask,
+                      sem="relaxed")
+        gl.atomic_add(dC_base + (dC_off + tt[:, None] * s_dC_l), dC, mask=bc_mask,
+                      sem="relaxed")
 
     gl.atomic_add(dA_ptr + e_s[:, None] * N + n_s[None, :], dA_acc, mask=en_mask,
                   sem="relaxed")

@@ -356,20 +356,22 @@ def _scan_bwd_kernel(
     z_base = z_ptr + b * s_z_b
     do_base = dout_ptr + b * s_do_b
     row_base = b * E * L + e[None, :] * L          # the dt scratch: contiguous (batch, E, L)
+    # Each gradient's base pointers, and offsets from them to which a chunk adds its times.
     if DENSE_GRADS:
-        # Contiguous gradients (batch, E, L) and (batch, N, L) share the scratch's offsets,
-        # which take E, N and L, in registers already, as strides: no registers of their own.
-        du_rows = row_base
-        ddt_rows = row_base
-        dz_rows = row_base
-        dB_rows = b * N * L + n[None, :, :] * L
-        dC_rows = dB_rows
+        # Contiguous (batch, E, L) and (batch, N, L): the scratch's rows, which take E, N and
+        # L, in registers already, as strides (the code from before strided outputs).
+        bnl_base = b * N * L + n[None, :, :] * L
+        du_base, ddt_base, dz_base = du_ptr + row_base, ddelta_ptr + row_base, dz_ptr + row_base
+        dB_base, dC_base = dB_ptr + bnl_base, dC_ptr + bnl_base
+        du_off, ddt_off, dz_off, dB_off, dC_off = 0, 0, 0, 0, 0
     else:
-        du_rows = b * s_du_b + e[None, :] * s_du_e
-        ddt_rows = b * s_ddt_b + e[None, :] * s_ddt_e
-        dz_rows = b * s_dz_b + e[None, :] * s_dz_e
-        dB_rows = b * s_dB_b + n[None, :, :] * s_dB_n
-        dC_rows = b * s_dC_b + n[None, :, :] * s_dC_n
+        # Per-image pointers and 32-bit offsets: with a unit channel (or state) stride, as
+        # channel-minor outputs have, an offset is the index itself, no register more.
+        du_base, du_off = du_ptr + b * s_du_b, e[None, :] * s_du_e
+        ddt_base, ddt_off = ddelta_ptr + b * s_ddt_b, e[None, :] * s_ddt_e
+        dz_base, dz_off = dz_ptr + b * s_dz_b, e[None, :] * s_dz_e
+        dB_base, dB_off = dB_ptr + b * s_dB_b, n[None, :, :] * s_dB_n
+        dC_base, dC_off = dC_ptr + b * s_dC_b, n[None, :, :] * s_dC_n
     ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * s_ckpt_e + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
     n_chunks = tl.cdiv(L, BLOCK_L)
@@ -426,13 +428,13 @@ def _scan_bwd_kernel(
                 y += D[None, :] * u
             sig = _sigmoid(zt)
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
-            _store_or_add(dz_ptr + dz_rows + t[:, None] * s_dz_l, dz, mask, DZ_ACCUMULATE)
+            _store_or_add(dz_base + (dz_off + t[:, None] * s_dz_l), dz, mask, DZ_ACCUMULATE)
             dy = dout * zt * sig
 
         dC = tl.sum(hs * _te(dy), axis=2)  # over this program's channels, before the atomics
         # N1 states on the lanes: a channel-minor dB or dC (column slices of one (B, L, R + 2N)
         # buffer) gets a token's N1 states from adjacent lanes, a time-contiguous one N1 rows.
-        tl.atomic_add(dC_ptr + dC_rows + t[:, None, None] * s_dC_l, dC, mask=nl_mask,
+        tl.atomic_add(dC_base + (dC_off + t[:, None, None] * s_dC_l), dC, mask=nl_mask,
                       sem="relaxed")
         # exp(delta_s A) h_{s-1} as a product, the states shifted by one token: h_s - dBu_s
         # would cancel to noise where the decay underflows and h_s is all input term.
@@ -462,10 +464,10 @@ def _scan_bwd_kernel(
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
         # Coalescing as for the forward's output.
-        tl.store(du_ptr + du_rows + t[:, None] * s_du_l, du, mask=mask)
-        tl.store(ddelta_ptr + ddt_rows + t[:, None] * s_ddt_l, ddt, mask=mask)
+        tl.store(du_base + (du_off + t[:, None] * s_du_l), du, mask=mask)
+        tl.store(ddt_base + (ddt_off + t[:, None] * s_ddt_l), ddt, mask=mask)
         dB = tl.sum(g * _te(dt * u), axis=2)
-        tl.atomic_add(dB_ptr + dB_rows + t[:, None, None] * s_dB_l, dB, mask=nl_mask,
+        tl.atomic_add(dB_base + (dB_off + t[:, None, None] * s_dB_l), dB, mask=nl_mask,
                       sem="relaxed")
 
     tl.atomic_add(dA_ptr + e[None, :, None] * N + n[:, None, :], dA_acc, mask=en_mask,
