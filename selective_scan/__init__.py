@@ -313,7 +313,7 @@ def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable
         return _writing_into((module or loop).scan_forward, (module or loop).scan_backward)
     if backend == "triton":
         module = importlib.import_module(_triton_kernels_module(device), __name__)
-        return _writing_into(module.scan_forward, module.scan_backward)
+        return module.scan_forward, module.scan_backward
     if backend == "cuda":
         return _writing_into(cuda_kernels.scan_forward, cuda_kernels.scan_backward)
     raise ValueError(f"no kernels for scan backend {backend!r} (the reference is plain "
