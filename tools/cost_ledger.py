@@ -220,7 +220,10 @@ def _scan_inputs(a: Dict[str, Any]) -> List[Any]:
 
 @triton_rule("_scan_fwd_kernel")
 def _scan_forward(a: Dict[str, Any]) -> None:
-    book_kernel("triton scan forward", reads=_scan_inputs(a), writes=[a["out_ptr"]], kind=SCAN)
+    # Accumulating (a mixer's second direction), each tile of out is loaded before the store.
+    book_kernel("triton scan forward", kind=SCAN,
+                reads=[*_scan_inputs(a), a["out_ptr"] if a["ACCUMULATE"] else None],
+                writes=[a["out_ptr"]])
 
 
 @triton_rule("_scan_bwd_kernel")
@@ -228,13 +231,16 @@ def _scan_backward(a: Dict[str, Any]) -> None:
     # Pass 0 turns delta into softplus(delta + bias) in the fp32 scratch dt; pass 1 reads u,
     # dt and B again to write each chunk's boundary state into ckpt; pass 2 reads everything
     # (dt a second time, ckpt once) and writes the gradients. dB, dC and the per-channel ones
-    # are atomic adds into buffers the launcher zeroed: they meet in L2, HBM sees one write.
+    # are atomic adds into buffers the launcher or caller zeroed: they meet in L2, HBM sees
+    # one write. dz accumulated (a mixer's second direction) is loaded before its store.
+    dz = a["dz_ptr"] if a["HAS_Z"] else None
     grads = [a["du_ptr"], a["ddelta_ptr"], a["dA_ptr"], a["dB_ptr"], a["dC_ptr"],
-             a["dD_ptr"] if a["HAS_D"] else None, a["dz_ptr"] if a["HAS_Z"] else None,
+             a["dD_ptr"] if a["HAS_D"] else None, dz,
              a["dbias_ptr"] if a["HAS_BIAS"] else None]
     dt, ckpt = a["dt_ptr"], a["ckpt_ptr"]
     book_kernel("triton scan backward", kind=SCAN,
-                reads=[*_scan_inputs(a), a["dout_ptr"], a["u_ptr"], a["B_ptr"]], writes=grads,
+                reads=[*_scan_inputs(a), a["dout_ptr"], a["u_ptr"], a["B_ptr"],
+                       dz if a["DZ_ACCUMULATE"] else None], writes=grads,
                 scratch_reads=[dt, dt, ckpt], scratch_writes=[dt, ckpt])
 
 
