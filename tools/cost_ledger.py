@@ -316,8 +316,8 @@ _FREE = {aten.detach, aten.alias, aten._unsafe_view, aten.empty, aten.empty_stri
          aten.set_, aten.resize_, aten.sym_size, aten.sym_stride, aten.sym_numel,
          aten.sym_storage_offset, aten.is_same_size, aten._reshape_alias}
 _KIND = {
-    "gemm": (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv, aten.addmv,
-             aten.dot, aten._scaled_mm),
+    "gemm": (aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.addbmm, aten.mv,
+             aten.addmv, aten.dot, aten._scaled_mm),
     "conv": (aten.convolution, aten.convolution_backward),
     "attention": (aten._scaled_dot_product_flash_attention,
                   aten._scaled_dot_product_flash_attention_backward,
@@ -417,8 +417,13 @@ def _peak(t: Tensor, kind: str) -> str:
     return "tf32" if t.dtype == torch.float32 and allowed else "fp32"
 
 
+# In-place ops whose FLOPs are their out-of-place twin's (the FLOP counter lists only those).
+_FLOPS_AS = {aten.addmm_: aten.addmm}
+
+
 def _flops(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Any) -> int:
-    formula = flop_registry.get(func._overloadpacket)
+    packet = func._overloadpacket
+    formula = flop_registry.get(_FLOPS_AS.get(packet, packet))
     return int(formula(*args, **kwargs, out_val=out)) if formula else 0
 
 
@@ -509,13 +514,14 @@ def _cublas_ready(t: Tensor) -> bool:
 def _gemm(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Tensor
           ) -> List[Record]:
     packet = func._overloadpacket
-    mats = args[1:3] if packet in (aten.addmm, aten.baddbmm) else args[:2]
+    mats = args[1:3] if packet in (aten.addmm, aten.addmm_, aten.baddbmm) else args[:2]
     records = [_copy(f"{packet.__name__}: operand.contiguous()", m)
                for m in mats if not _cublas_ready(m)]
     record = _record(func, args, kwargs, out)
     # The GEMM reads the copies, all of their elements.
     record.read += sum(m.numel() * m.element_size() - _footprint(m)
                        for m in mats if not _cublas_ready(m))
+    # addmm_ adds into self, which cuBLAS reads as C itself (beta): no copy first.
     if packet is aten.addmm:
         bias, beta = args[0], kwargs.get("beta", 1)
         if not (bias.dim() == 1 and bias.is_contiguous() and beta == 1):
@@ -615,7 +621,7 @@ def _cat(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Tensor
 Rule = Callable[[Any, Sequence[Any], Dict[str, Any], Any], List[Record]]
 _RULES: Dict[Any, Rule] = {
     aten.convolution: _conv, aten.convolution_backward: _conv_backward,
-    aten.mm: _gemm, aten.addmm: _gemm, aten.bmm: _gemm, aten.baddbmm: _gemm,
+    aten.mm: _gemm, aten.addmm: _gemm, aten.addmm_: _gemm, aten.bmm: _gemm, aten.baddbmm: _gemm,
     aten._fused_adamw_: _fused_adam, aten._fused_adam_: _fused_adam,
     aten._fused_rms_norm_backward: _norm_backward,
     aten.native_layer_norm_backward: _norm_backward,
