@@ -660,9 +660,12 @@ class _BookingMode(TorchDispatchMode):
             with self:
                 return opdef._init_fn(*args, **kwargs)
         if _decomposes_on_cuda(func):
-            # Reached below autograd (inside a custom op); on CUDA it decomposes there.
+            # Reached below autograd (inside a custom op); on CUDA it decomposes there, by
+            # ATen's C++ kernel: Python's decompositions can differ (``decompose`` prefers
+            # them), as matmul's: a bmm where ATen folds a strided (B, L, R) view into an mm.
             with self:
-                return func.decompose(*args, **kwargs)
+                return func._op_dk(torch._C.DispatchKey.CompositeImplicitAutograd, *args,
+                                   **kwargs)
         out = func(*args, **kwargs)
         if _free(func, args, kwargs, out):
             return out
