@@ -744,6 +744,16 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         setattr(obj, name, old)
 
 
+_SET_MATERIALIZE_GRADS = torch.autograd.function.FunctionCtx.set_materialize_grads
+
+
+def _remember_materialize_grads(ctx: Any, value: bool) -> None:
+    """``ctx.set_materialize_grads``, the value also kept where ``run_backward`` reads it:
+    the flag it sets on the node cannot be read back."""
+    ctx._ledger_materialize_grads = value
+    _SET_MATERIALIZE_GRADS(ctx, value)
+
+
 @contextlib.contextmanager
 def recording(ledger: Ledger) -> Iterator[None]:
     """Book what runs inside into ``ledger``: aten ops, Python custom ops' bodies, Triton
@@ -752,6 +762,8 @@ def recording(ledger: Ledger) -> Iterator[None]:
     stack = contextlib.ExitStack()
     stack.enter_context(_patched(triton.runtime.jit.KernelInterface, "__getitem__",
                                  _intercepted_launch))
+    stack.enter_context(_patched(torch.autograd.function.FunctionCtx, "set_materialize_grads",
+                                 _remember_materialize_grads))
     selective_scan = sys.modules.get("selective_scan")
     if selective_scan is not None and not torch.cuda.is_available():
         # Its choice reads the device's compute capability; the plain Triton kernels are
@@ -778,8 +790,10 @@ def _python_node_outputs(node: Any, grads: List[Optional[Tensor]]) -> List[Optio
     inputs (``next_functions``): gradients of non-tensor inputs must be None, and which
     inputs were not tensors must follow from ``needs_input_grad`` and the counts."""
     metadata = node._input_metadata
-    grads = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None else g
-             for g, m in zip(grads, metadata)]
+    # The engine fills missing gradients with zeros unless ctx.set_materialize_grads(False).
+    if getattr(node, "_ledger_materialize_grads", True):
+        grads = [torch.zeros(m.shape, dtype=m.dtype, device=m.device) if g is None else g
+                 for g, m in zip(grads, metadata)]
     outs = node.apply(*grads)
     outs = list(outs) if isinstance(outs, tuple) else [outs]
     n_tensors = len(node.next_functions)
