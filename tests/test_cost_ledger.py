@@ -43,92 +43,90 @@ BLD = B * L * D * 4            # 1024: hidden, residual, normed, out, their grad
 RSTD = B * L * 4               # 64: RMSNorm's 1 / rms per token
 WN = D * 4                     # 64: norm weight
 W_IN = 2 * E * D * 4           # 4096: in_proj weight (2E, D)
-XZ = B * L * 2 * E * 4         # 4096: in_proj output, x and z together
-BEL = B * E * L * 4            # 2048: x, z, u, delta, scan out, du, ddelta, dz, ...
-PAD = B * E * (L + K - 1) * 4  # 2816: the conv's padded output (B, E, L + 3)
+XZ = B * L * 2 * E * 4         # 4096: in_proj output, x and z together; dxz
+BEL = B * E * L * 4            # 2048: x, z, u, delta, the op's out, du, ddelta, dz, ...
 WC = E * K * 4                 # 512: conv weight (E, 1, K)
 VEC = E * 4                    # 128: conv bias, D, dt_proj bias
 A = E * N * 4                  # 2048: A_log, A, dA
 W_X = P * E * 4                # 4224: x_proj weight (P, E)
-XDBL = B * P * L * 4           # 2112: x_proj output (B, P, L) = dt, B, C
-BN = B * N * L * 4             # 1024: the scan's B and C, dB, dC
-DT = B * R * L * 4             # 64: dt (B, R, L)
+XDBL = B * P * L * 4           # 2112: x_proj output (B, L, P) = dt, B, C; its grad dx_dbl
+BN = B * N * L * 4             # 1024: the scan's B and C (views of x_proj's output), dB, dC
+DT = B * R * L * 4             # 64: dt, a (B*L, R) slice of x_proj's output; d dt
 W_DT = E * R * 4               # 128: dt_proj weight (E, R)
 W_OUT = D * E * 4              # 2048: out_proj weight (D, E)
 # The scan backward's boundary states, (B, E, slots, 16) fp32: slots = ceil(L / shortest chunk)
 # - 1, at least 1; 8 tokens give 1 with the GPU's 4-token chunks and the interpreter's 16.
 CKPT = B * E * 1 * 16 * 4      # 4096
+# The norm backward's d_weight partials, one fp32 row per program: min(row blocks, 4 x SMs)
+# programs, and at D = 16 a block has 16 rows: the B*L = 16 rows are one program's.
+PARTIAL = 1 * D * 4            # 64
 # FLOPs, 2 per multiply-add:
 F_IN = 2 * B * L * D * 2 * E          # 32768
-F_CONV = 2 * B * E * (L + K - 1) * K  # 5632: over the padded output, one input channel each
 F_XPROJ = 2 * B * P * E * L           # 33792
 F_DTPROJ = 2 * B * E * R * L          # 1024
 F_OUT = 2 * B * L * E * D             # 16384
 
-T, CP, EW, G, CV, FL, RD, S = ("transposing copy", "copy/cast", "elementwise/glue", "gemm",
-                               "conv", "fill", "reduction", "scan")
+T, CP, EW, G, CV, NM, FL, RD, S = ("transposing copy", "copy/cast", "elementwise/glue", "gemm",
+                                   "conv", "norm", "fill", "reduction", "scan")
+
+
+# mixer_op._direction_forward up to the scan, either direction (the backward redoes it): the
+# Triton conv reads x in place (a channel-minor view of xz) and writes u channel-minor, the
+# reverse direction by its taps' addresses (no flipped weight); then the projections, each one
+# GEMM over the B*L tokens on views, and A = -exp(A_log).
+RECOMPUTE = [
+    ("triton conv1d+SiLU forward", CV, 1, BEL + WC + VEC, BEL, 0, 0),   # x, w, bias -> u
+    ("mm", G, 1, BEL + W_X, XDBL, F_XPROJ, 0),          # x_proj: (B*L, E) u
+    ("mm", G, 1, DT + W_DT, BEL, F_DTPROJ, 0),          # dt_proj: dt's rows, stride P
+    ("exp", EW, 1, A, A, 0, 0), ("neg", EW, 1, A, A, 0, 0)]
 
 
 def _direction_forward(reverse: bool) -> List[Row]:
-    # ssm_direction's body: the reverse conv flips its kernel; x is a channel-minor view of
-    # xz, made contiguous inside aten::_convolution; CudaDepthwise2d adds the bias itself.
-    return ([("flip", EW, 1, WC, WC, 0, 0)] if reverse else []) + [
-        ("convolution: input.contiguous()", T, 1, BEL, BEL, 0, 0),
-        ("conv_depthwise2d_forward", CV, 1, BEL + WC + VEC, PAD, F_CONV, 0),
-        ("silu", EW, 1, BEL, BEL, 0, 0),                  # on the L columns of the padded out
-        ("bmm", G, 1, W_X + BEL, XDBL, F_XPROJ, 0),       # weight broadcast: read once
-        ("bmm", G, 1, W_DT + DT, BEL, F_DTPROJ, 0),
-        ("exp", EW, 1, A, A, 0, 0), ("neg", EW, 1, A, A, 0, 0)]   # A = -exp(A_log)
+    # The scan reads u, delta, A, B, C, D, z, the dt_proj bias and writes ½ y into the op's
+    # (B, L, E) output; the reverse direction adds its ½ y there: it reads the output too.
+    return RECOMPUTE + [
+        ("triton scan forward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + (BEL if reverse else 0),
+         BEL, 0, 0)]
 
 
-SCAN_FORWARD = ("triton scan forward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC, BEL, 0, 0)
 FORWARD = [
-    ("add", EW, 1, 2 * BLD, BLD, 0, 0),                          # residual + hidden
-    ("_fused_rms_norm", "norm", 1, BLD + WN, BLD + RSTD, 0, 0),
+    # fused_norm: residual + hidden and the norm in one kernel; writes normed, the fp32
+    # new residual and rstd
+    ("triton add+RMSNorm forward", NM, 1, 2 * BLD + WN, 2 * BLD + RSTD, 0, 0),
     ("mm", G, 1, BLD + W_IN, XZ, F_IN, 0),                        # in_proj
-    *_direction_forward(False), SCAN_FORWARD,
-    *_direction_forward(True), SCAN_FORWARD,
-    ("add", EW, 1, 2 * BEL, BEL, 0, 0), ("div", EW, 1, BEL, BEL, 0, 0),   # (f + b) / 2
-    ("clone", T, 1, BEL, BEL, 0, 0),             # out_proj's input, (B, L, E) of a (B, E, L)
-    ("mm", G, 1, BEL + W_OUT, BLD, F_OUT, 0),
+    *_direction_forward(False), *_direction_forward(True),      # mambar::bimamba's loop
+    ("mm", G, 1, BEL + W_OUT, BLD, F_OUT, 0),                     # out_proj, on the op's output
     ("sum", RD, 1, BLD, 4, 0, 0),                                 # the loss
 ]
 
 
 def _direction_backward(reverse: bool) -> List[Row]:
-    # ssm_direction_backward's body: recompute u and delta, the scan backward (its wrapper
-    # zero-fills dA, dB, dC, dD, dbias for the kernel's atomics), the projections' grads
-    # (fp32: per-image bmm summed over the batch), then conv_silu_backward, which runs the
-    # conv again for SiLU's input and zero-pads du's grad into the conv output's shape.
-    conv = _direction_forward(reverse)[:2 if reverse else 1]    # [flip,] input copy
-    return _direction_forward(reverse) + [
-        ("zeros", FL, 1, 0, A, 0, 0), ("zeros", FL, 1, 0, BN, 0, 0), ("zeros", FL, 1, 0, BN, 0, 0),
-        ("zeros", FL, 1, 0, VEC, 0, 0), ("zeros", FL, 1, 0, VEC, 0, 0),
-        # reads u, delta, A, B, C, D, z, bias, dout, then u and B again (boundary pass);
-        # writes du, ddelta, dA, dB, dC, dD, dz, dbias; scratch: softplus(delta) fp32
-        # (written once, read twice) and the boundary states (written and read once).
-        ("triton scan backward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + 2 * BEL + BN
-         + 2 * BEL + CKPT, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + CKPT, 0, 3 * BEL + 2 * CKPT),
-        # dW_dt: per-image ddelta dt^T (B, E, R), summed over the batch
-        ("bmm", G, 1, BEL + DT, B * E * R * 4, F_DTPROJ, 0),
-        ("sum", RD, 1, B * E * R * 4, W_DT, 0, 0),
-        ("bmm", G, 1, W_DT + BEL, DT, F_DTPROJ, 0),       # d dt = W_dt^T ddelta
-        ("cat", EW, 1, DT + 2 * BN, XDBL, 0, 0),          # (d dt, dB, dC)
-        ("bmm", G, 1, XDBL + BEL, B * P * E * 4, F_XPROJ, 0),     # dW_x, the same way
-        ("sum", RD, 1, B * P * E * 4, W_X, 0, 0),
-        ("bmm", G, 1, W_X + XDBL, BEL, F_XPROJ, 0),       # W_x^T d x_dbl
-        ("add", EW, 1, 2 * BEL, BEL, 0, 0),               # + du from the scan
-        *conv,
-        ("conv_depthwise2d_forward", CV, 1, BEL + WC + VEC, PAD, F_CONV, 0),
-        ("zeros_like", FL, 1, 0, PAD, 0, 0),
-        ("silu_backward", EW, 1, 2 * BEL, BEL, 0, 0),
-        ("copy_", CP, 1, BEL, BEL, 0, 0),                 # into the padded grad's L columns
-        ("convolution_backward: input.contiguous()", T, 1, BEL, BEL, 0, 0),
-        ("conv_depthwise2d_backward_input", CV, 1, PAD + WC, BEL, F_CONV, 0),
-        ("conv_depthwise2d_backward_weight", CV, 1, PAD + BEL, WC, F_CONV, 0),
-        ("convolution_backward: bias-grad sum", RD, 1, PAD, VEC, 0, 0),
-    ] + ([("flip", EW, 1, WC, WC, 0, 0)] if reverse else []) + [
-        ("mul", EW, 1, 2 * A, A, 0, 0)]                   # dA_log = dA * A
+    # mixer_op._direction_backward's body. The reverse direction (second) adds its dx and dz
+    # into dxz's halves, which the forward direction wrote: both kernels read them first.
+    accumulated = BEL if reverse else 0
+    return RECOMPUTE + [
+        # dx_dbl, d(dt, B, C) as a zeroed fp32 (B, L, P): the scan adds dB and dC into it
+        ("new_zeros", FL, 1, 0, XDBL, 0, 0),
+        # launch_backward zeroes dA, dD, dbias for the kernel's atomics
+        ("zeros", FL, 1, 0, A, 0, 0), ("zeros", FL, 1, 0, VEC, 0, 0),
+        ("zeros", FL, 1, 0, VEC, 0, 0),
+        # reads u, delta, A, B, C, D, z, bias, dout (the op's dout, transposed view), then u and
+        # B again (boundary pass); writes du, ddelta, dA, dB, dC, dD, dz, dbias; scratch:
+        # softplus(delta) fp32 (written once, read twice) and the boundary states (written and
+        # read once).
+        ("triton scan backward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + BEL + BN
+         + accumulated + 2 * BEL + CKPT, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + CKPT, 0,
+         3 * BEL + 2 * CKPT),
+        ("mm", G, 1, BEL + DT, W_DT, F_DTPROJ, 0),         # dW_dt = ddelta^T dt over tokens
+        ("mm", G, 1, BEL + W_DT, DT, F_DTPROJ, 0),         # d dt = ddelta W_dt ...
+        ("copy_", CP, 1, DT, DT, 0, 0),                    # ... copied into dx_dbl's R columns
+        ("mm", G, 1, XDBL + BEL, W_X, F_XPROJ, 0),         # dW_x = dx_dbl^T u
+        ("addmm_", G, 1, BEL + XDBL + W_X, BEL, F_XPROJ, 0),   # du += dx_dbl W_x: reads du
+        ("zeros", FL, 1, 0, WC, 0, 0), ("zeros", FL, 1, 0, VEC, 0, 0),   # conv dW, db (fp32)
+        # reads x, du, w, bias; writes dx into dxz's x half, dW and db (atomics)
+        ("triton conv1d+SiLU backward", CV, 1, 2 * BEL + WC + VEC + accumulated,
+         BEL + WC + VEC, 0, 0),
+        ("mul", EW, 1, 2 * A, A, 0, 0)]                    # dA_log = dA * A
 
 
 BACKWARD = [
@@ -137,18 +135,16 @@ BACKWARD = [
     # copied (4 bytes read) before each of the two GEMMs.
     ("mm: operand.contiguous()", CP, 1, 4, BLD, 0, 0), ("mm", G, 1, BLD + BEL, W_OUT, F_OUT, 0),
     ("mm: operand.contiguous()", CP, 1, 4, BLD, 0, 0), ("mm", G, 1, BLD + W_OUT, BEL, F_OUT, 0),
-    ("div", EW, 1, BEL, BEL, 0, 0),
-    *_direction_backward(True),      # created last, so run first
-    *_direction_backward(False),
-    ("add", EW, 1, 2 * BEL, BEL, 0, 0), ("add", EW, 1, 2 * BEL, BEL, 0, 0),   # dx, dz summed
-    ("cat", EW, 1, 2 * BEL, XZ, 0, 0),                            # chunk's backward
-    ("clone", T, 1, XZ, XZ, 0, 0),                                 # (B, L, 2E) to (B*L, 2E)
-    ("mm", G, 1, XZ + BLD, W_IN, F_IN, 0), ("mm", G, 1, XZ + W_IN, BLD, F_IN, 0),
-    # grad-input kernel + two-stage grad-weight reduction, dy and x read twice
-    ("_fused_rms_norm_backward", "norm", 3, 4 * BLD + RSTD + WN, BLD + WN, 0, 0),
-    # residual + hidden: one gradient tensor for both leaves; AccumulateGrad steals it for
-    # one and copies it for the other.
-    ("copy_", CP, 1, BLD, BLD, 0, 0),
+    # mambar::bimamba_backward: dxz is allocated, not zeroed; the loop's forward direction
+    # writes its dx and dz halves, the reverse one adds into them.
+    *_direction_backward(False), *_direction_backward(True),
+    ("mm", G, 1, XZ + BLD, W_IN, F_IN, 0), ("mm", G, 1, XZ + W_IN, BLD, F_IN, 0),  # in_proj
+    # reads d_normed, the saved new residual, rstd, weight: the block's residual output is
+    # unused here, so its gradient is None (materialize_grads off), not zeros to read; writes
+    # d_hidden and d_residual (two tensors: neither leaf copies) and the d_weight partials,
+    # which a sum finishes.
+    ("triton add+RMSNorm backward", NM, 1, 2 * BLD + RSTD + WN, 2 * BLD + PARTIAL, 0, 0),
+    ("sum", RD, 1, PARTIAL, WN, 0, 0),
 ]
 
 
@@ -185,11 +181,10 @@ def test_block_totals_keep_the_scan_apart(block_ledger):
     assert summary["scan"]["read_bytes"] == sum(r[3] for r in scan)
     assert summary["outside_scan"]["launches"] == sum(r[2] for r in every) - 4
     assert summary["outside_scan"]["written_bytes"] == sum(r[4] for r in every if r[1] != S)
-    # in_proj and out_proj: forward + 2 grads; per direction the conv 5 times (forward,
-    # recompute, re-run, dgrad, wgrad), x_proj and dt_proj 4 (forward, recompute, 2 grads).
-    assert summary["total"]["flops"] == 3 * F_IN + 3 * F_OUT + 10 * F_CONV + 8 * F_XPROJ \
-        + 8 * F_DTPROJ
-    assert summary["by_kind"][T]["launches"] == 3 + 7
+    # in_proj and out_proj: forward + 2 grads; per direction x_proj and dt_proj 4 (forward,
+    # recompute, 2 grads). The Triton conv, like the scan, books bytes, no FLOPs.
+    assert summary["total"]["flops"] == 3 * F_IN + 3 * F_OUT + 8 * F_XPROJ + 8 * F_DTPROJ
+    assert T not in summary["by_kind"]
 
 
 # --------------------------------------------------------------------------- rules one by one
@@ -364,13 +359,17 @@ def test_cli_books_a_mambar_and_a_deit_step(tmp_path, capsys):
     mambar, deit = runs["mambar_tiny_patch16_224"], runs["deit_tiny_patch16_224"]
     # 24 blocks, 2 directions, a forward and a backward scan each.
     assert mambar["scan"]["launches"] == 96
-    # Per block: 2 conv inputs and out_proj's input (forward), 2 conv inputs (recompute),
-    # 2 + 2 in the conv backward, 2 einsum operands per direction (bf16 weight grads),
-    # in_proj's grad.
-    assert mambar["by_kind"]["transposing copy"]["launches"] == 24 * 14
-    # bf16 depthwise convs are PyTorch's kernels (cuDNN's depthwise path is fp16 only): per
-    # block the forward, the recompute and the conv backward's re-run, both directions.
-    assert mambar["by_op"]["conv_depthwise2d_forward"]["launches"] == 24 * 6
+    # The mixer op reads xz's halves and writes its output and dxz's halves in place.
+    assert "transposing copy" not in mambar["by_kind"]
+    # Per block and direction the Triton conv runs forward twice (the op's forward, the
+    # backward's recompute) and backward once; PyTorch's depthwise conv not at all.
+    ops = mambar["by_op"]
+    assert ops["triton conv1d+SiLU forward"]["launches"] == 24 * 2 * 2
+    assert ops["triton conv1d+SiLU backward"]["launches"] == 24 * 2
+    assert "conv_depthwise2d_forward" not in ops
+    # add + RMSNorm, fused each way: before each block's mixer and as norm_f.
+    assert ops["triton add+RMSNorm forward"]["launches"] == 24 + 1
+    assert ops["triton add+RMSNorm backward"]["launches"] == 24 + 1
     assert deit["scan"]["launches"] == 0 and "transposing copy" not in deit["by_kind"]
     # 12 layers: flash forward 1, backward 3.
     assert deit["by_kind"]["attention"]["launches"] == 12 * 4
