@@ -230,7 +230,9 @@ def _direction_backward(backend: str, dy: Tensor, x: Tensor, z: Tensor, p: Direc
     conv_forward, conv_backward = conv_kernels(backend, x)
     with torch.profiler.record_function(RECOMPUTE_RANGE):
         u = conv_forward(x, p.conv_weight, p.conv_bias, reverse)
-        dt, b_ssm, c_ssm, delta = _projections(u, p.x_proj_weight, p.dt_proj_weight)
+        # The projections' weights in u's dtype once: the recompute and the gradients use them.
+        x_proj_weight, dt_proj_weight = p.x_proj_weight.to(u.dtype), p.dt_proj_weight.to(u.dtype)
+        dt, b_ssm, c_ssm, delta = _projections(u, x_proj_weight, dt_proj_weight)
     a = -torch.exp(p.A_log.float())
     rank, state = dt.shape[1], b_ssm.shape[1]
     # d(dt, B, C) in one (B, R + 2N, L) buffer laid out like u: the scan adds dB and dC into
@@ -245,10 +247,10 @@ def _direction_backward(backend: str, dy: Tensor, x: Tensor, z: Tensor, p: Direc
     # Back through delta = W_dt dt and (dt, B, C) = W_x u, weights summed over the batch.
     ddelta = ddelta.to(u.dtype)
     ddt_proj = _weight_grad(ddelta, dt)
-    ddt.copy_(channel_matmul(p.dt_proj_weight.t(), ddelta))
+    ddt.copy_(channel_matmul(dt_proj_weight.t(), ddelta))
     dx_dbl = dx_dbl.to(u.dtype)
     dx_proj = _weight_grad(dx_dbl, u)
-    du = _add_channel_matmul(du.to(u.dtype), p.x_proj_weight.t(), dx_dbl)
+    du = _add_channel_matmul(du.to(u.dtype), x_proj_weight.t(), dx_dbl)
     _, dconv_weight, dconv_bias = conv_backward(du, x, p.conv_weight, p.conv_bias, reverse,
                                                 dx=dx, accumulate=reverse)
     grads = (dconv_weight, dconv_bias, dx_proj, ddt_proj, dbias, da * a, dd)
