@@ -22,8 +22,9 @@ from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg
 from torch.utils.checkpoint import checkpoint
 
-from selective_scan import describe_backends, get_scan, requested_backend, resolve_backend
-from selective_scan.mixer_op import channel_matmul, channel_minor_output, conv_silu, ssm_direction
+from selective_scan import (describe_backends, get_scan, requested_backend, resolve_backend,
+                            triton_available)
+from selective_scan.mixer_op import bimamba, channel_matmul, conv_silu
 
 __all__ = ["VisionMambaBackbone", "BiMambaMixer", "Block", "RMSNorm", "PatchEmbed",
            "create_backbone", "pretrained_cfg", "resize_pos_embed"]
@@ -41,6 +42,24 @@ class RMSNorm(nn.Module):
         # F.rms_norm is one fused kernel on GPU; the explicit casts keep fp32 math under autocast.
         out = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         return out.to(x.dtype)
+
+    def add_norm(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The pre-norm step of a residual stream: (the norm of the new residual in hidden's
+        dtype, the new residual residual + hidden in fp32; hidden alone when residual is
+        None). On CUDA one fused Triton kernel each way (``fused_norm.py``), where PyTorch
+        makes four passes forward and five backward."""
+        if fused_norm_applies(hidden):
+            from fused_norm import add_rms_norm
+            return add_rms_norm(hidden, residual, self.weight, self.eps, hidden.dtype)
+        residual = hidden.float() if residual is None else residual + hidden.float()
+        return self(residual).to(hidden.dtype), residual
+
+
+def fused_norm_applies(x: torch.Tensor) -> bool:
+    """Whether ``RMSNorm.add_norm`` runs the fused Triton kernels on x: CUDA tensors, where
+    Triton is installed."""
+    return x.is_cuda and triton_available()
 
 
 class PatchEmbed(nn.Module):
@@ -88,8 +107,8 @@ class BiMambaMixer(nn.Module):
     copies, except for mamba-ssm's kernels, which only scan forwards.
 
     ``_scan_direction`` shows a direction's math as the reference path (plain autograd); every
-    other backend runs the same math as one custom op (``mixer_op.ssm_direction``), which
-    keeps only its inputs for the backward and is a single node to ``torch.compile``.
+    other backend runs both directions as one custom op (``mixer_op.bimamba``), which keeps
+    only its inputs for the backward and is a single node to ``torch.compile``.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
@@ -128,31 +147,34 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, D)."""
         backend = resolve_backend(self.scan_backend, hidden.device)
-        xz = self.in_proj(hidden).transpose(1, 2)            # (B, 2E, L), a view
-        x, z = xz.chunk(2, dim=1)
+        xz = self.in_proj(hidden)                            # (B, L, 2E)
+        if backend != "reference":
+            return self.out_proj(bimamba(xz, *self._direction(False), *self._direction(True),
+                                         backend))
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)            # (B, E, L) views
         out_f = self._scan_direction(x, z, backend, reverse=False)
         out_b = self._scan_direction(x, z, backend, reverse=True)
         return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
 
+    def _direction(self, reverse: bool) -> Tuple[torch.Tensor, ...]:
+        """One direction's parameters, in ``mixer_op.DIRECTION_PARAMS``' order."""
+        if reverse:
+            return (self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
+                    self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)
+        return (self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias, self.A_log, self.D)
+
     def _scan_direction(self, x: torch.Tensor, z: torch.Tensor, backend: str,
                         reverse: bool) -> torch.Tensor:
-        if reverse:
-            conv, x_proj, dt_proj, a_log, d = (self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                                               self.A_b_log, self.D_b)
-        else:
-            conv, x_proj, dt_proj, a_log, d = (self.conv1d, self.x_proj, self.dt_proj,
-                                               self.A_log, self.D)
-        if backend != "reference":
-            return ssm_direction(x, z, conv.weight, conv.bias, x_proj.weight, dt_proj.weight,
-                                 dt_proj.bias, a_log, d, reverse, backend,
-                                 channel_minor_output(backend, x))
-        # The same math under plain autograd: the oracle, which keeps u and delta.
-        u = conv_silu(x, conv.weight, conv.bias, reverse)                     # (B, E, L)
-        x_dbl = channel_matmul(x_proj.weight, u)                              # (B, R + 2N, L)
+        """One direction's math under plain autograd: the oracle, which keeps u and delta."""
+        conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, a_log, d = \
+            self._direction(reverse)
+        u = conv_silu(x, conv_weight, conv_bias, reverse)                     # (B, E, L)
+        x_dbl = channel_matmul(x_proj_weight, u)                              # (B, R + 2N, L)
         dt, b_ssm, c_ssm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = channel_matmul(dt_proj.weight, dt)              # (B, E, L); bias: in the scan
+        delta = channel_matmul(dt_proj_weight, dt)              # (B, E, L); bias: in the scan
         return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(),
-                                 z, dt_proj.bias.float(), delta_softplus=True, reverse=reverse)
+                                 z, dt_proj_bias.float(), delta_softplus=True, reverse=reverse)
 
 
 class Block(nn.Module):
@@ -167,13 +189,12 @@ class Block(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden.float()
-        else:
-            residual = residual + self.drop_path(hidden).float()
+        if residual is not None:
+            hidden = self.drop_path(hidden)
         # The mixer runs in the dtype of its input (a bf16 model stays bf16); under autocast
         # this is the cast in_proj would make anyway.
-        return self.mixer(self.norm(residual).to(hidden.dtype)), residual
+        normed, residual = self.norm.add_norm(hidden, residual)
+        return self.mixer(normed), residual
 
 
 class VisionMambaBackbone(nn.Module):
@@ -291,7 +312,10 @@ class VisionMambaBackbone(nn.Module):
         return layer(hidden, residual)
 
     def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.norm_f(residual + self.drop_path(hidden).float()).to(hidden.dtype)
+        hidden = self.drop_path(hidden)
+        if isinstance(self.norm_f, RMSNorm):
+            return self.norm_f.add_norm(hidden, residual)[0]
+        return self.norm_f(residual + hidden.float()).to(hidden.dtype)   # pruned: Identity
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the sequence after norm_f (B, T, D), registers (Vim: the class token) in

@@ -37,6 +37,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import cuda_kernels, loop
 
@@ -129,6 +130,40 @@ def kernel_scan(forward: Callable, backward: Callable) -> Callable:
         return KernelScan.apply((forward, backward), u, delta, A, B, C, D, z, delta_bias,
                                 delta_softplus, reverse)
     return scan
+
+
+def put(value: Tensor, out: Optional[Tensor], scale: float = 1.0,
+        accumulate: bool = False) -> Tensor:
+    """``scale`` x value written into ``out`` (added to it with ``accumulate``), or value
+    itself scaled when there is no ``out``: the output arguments of the Triton kernels, for
+    kernels that write their own outputs."""
+    if out is None:
+        return value if scale == 1 else value.mul_(scale)
+    if accumulate:
+        return out.add_(value, alpha=scale)
+    return out.copy_(value) if scale == 1 else torch.mul(value, scale, out=out)
+
+
+def _writing_into(forward: Callable, backward: Callable) -> Tuple[Callable, Callable]:
+    """The kernel pair of a backend whose kernels allocate their outputs (the loop, Numba,
+    mamba-ssm), under the output arguments of the Triton kernels (``scan_kernels``)."""
+    def forward_into(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out=None,
+                     out_scale=1.0, accumulate=False):
+        y = forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        return put(y, out, out_scale, accumulate)
+
+    def backward_into(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
+                      dout_scale=1.0, du=None, ddelta=None, dz=None, dz_accumulate=False,
+                      dB=None, dC=None):
+        if dout_scale != 1:
+            dout = dout * dout_scale
+        grad_u, grad_delta, dA, grad_B, grad_C, dD, grad_z, dbias = backward(
+            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
+        return (put(grad_u, du), put(grad_delta, ddelta), dA,
+                put(grad_B, dB, accumulate=True), put(grad_C, dC, accumulate=True), dD,
+                None if grad_z is None else put(grad_z, dz, accumulate=dz_accumulate), dbias)
+
+    return forward_into, backward_into
 
 
 def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -265,18 +300,22 @@ def _triton_kernels_module(device: torch.device) -> str:
 
 def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable]:
     """The (forward, backward) functions of a concrete backend for tensors on ``device``:
-    ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse) -> out`` and
-    ``backward(<the same inputs>, dout, delta_softplus, reverse) -> (du, ddelta, dA, dB, dC,
-    dD, dz, d delta_bias)``, None for an absent input. The backward needs only the inputs:
-    custom ops (``mixer_op.py``) call these, and autograd does not run inside an op."""
+    ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out=None,
+    out_scale=1.0, accumulate=False) -> out`` and ``backward(<the same inputs>, dout,
+    delta_softplus, reverse, dout_scale=1.0, du=None, ddelta=None, dz=None,
+    dz_accumulate=False, dB=None, dC=None) -> (du, ddelta, dA, dB, dC, dD, dz, d delta_bias)``,
+    None for an absent input. Outputs go into the tensors given (scaled, or added with the
+    accumulate flags; dB and dC are always added into); the ones not given are allocated.
+    The backward needs only the inputs: custom ops (``mixer_op.py``) call these, and autograd
+    does not run inside an op."""
     if backend == "torch":
         module = _load_cpu_scan() if device.type == "cpu" else None
-        return (module or loop).scan_forward, (module or loop).scan_backward
+        return _writing_into((module or loop).scan_forward, (module or loop).scan_backward)
     if backend == "triton":
         module = importlib.import_module(_triton_kernels_module(device), __name__)
         return module.scan_forward, module.scan_backward
     if backend == "cuda":
-        return cuda_kernels.scan_forward, cuda_kernels.scan_backward
+        return _writing_into(cuda_kernels.scan_forward, cuda_kernels.scan_backward)
     raise ValueError(f"no kernels for scan backend {backend!r} (the reference is plain "
                      f"autograd)")
 

@@ -52,7 +52,8 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from .triton_kernels import boundary_slots, launch_backward, launch_forward
+from .triton_kernels import (BWD_KEY, BWD_RESET, BWD_RESTORE, FWD_KEY, FWD_RESTORE,
+                             boundary_slots, launch_backward, launch_forward)
 
 # Triton 3.6 (the GPU image) calls the CTA-wide barrier thread_barrier; 3.8 renamed it.
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -163,6 +164,18 @@ def _load_tile(base, e, s_e, t, s_l, mask):
 
 
 @gluon.jit
+def _store_or_add(ptrs, x, mask, ACCUMULATE: gl.constexpr):
+    """Store a (channels, tokens) tile (cast to the pointers' dtype), or with ``ACCUMULATE``
+    add it to what is there, in fp32. A thread holds a channel's tokens: time-contiguous
+    outputs get vector stores per thread, channel-minor ones a store per token whose 32 lanes
+    write 32 adjacent channels (coalesced). Each element is read and written by the thread
+    that computed it: no race."""
+    if ACCUMULATE:
+        x += gl.load(ptrs, mask=mask, other=0.0).to(gl.float32)
+    gl.store(ptrs, x, mask=mask)
+
+
+@gluon.jit
 def _stage_bc(smem, base, s_n, s_l, t0, L, N, T: gl.constexpr, NS: gl.constexpr,
               layout: gl.constexpr):
     """A (tokens, states) chunk of B or C at times t0.. into shared memory, fp32, 0 outside
@@ -177,11 +190,13 @@ def _stage_bc(smem, base, s_n, s_l, t0, L, N, T: gl.constexpr, NS: gl.constexpr,
 @gluon.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    E, N, L,
+    E, N, L, out_scale,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
+    s_out_b, s_out_e, s_out_l,
     HAS_D: gl.constexpr, HAS_Z: gl.constexpr, HAS_BIAS: gl.constexpr,
     SOFTPLUS: gl.constexpr, REVERSE: gl.constexpr,
+    HAS_SCALE: gl.constexpr, ACCUMULATE: gl.constexpr, DENSE_OUT: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_L: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
@@ -215,7 +230,10 @@ def _scan_fwd_kernel(
     z_base = z_ptr + b * s_z_b
     B_base = B_ptr + b * s_B_b
     C_base = C_ptr + b * s_C_b
-    out_base = out_ptr + b * E * L
+    if DENSE_OUT:  # a contiguous (batch, E, L) out: E and L, in registers already, as strides
+        out_rows = out_ptr + b * E * L + e[:, None] * L
+    else:
+        out_rows = out_ptr + b * s_out_b + e[:, None] * s_out_e
     B_smem = gl.allocate_shared_memory(gl.float32, [2, T, BLOCK_N], plain)
     C_smem = gl.allocate_shared_memory(gl.float32, [2, T, BLOCK_N], plain)
 
@@ -253,19 +271,23 @@ def _scan_fwd_kernel(
         if HAS_Z:
             zt = _load_tile(z_base, e, s_z_e, t, s_z_l, mask)
             y *= zt * _sigmoid(zt)
-        gl.store(out_base + e[:, None] * L + t[None, :], y, mask=mask)
+        if HAS_SCALE:
+            y *= out_scale
+        _store_or_add(out_rows + t[None, :] * s_out_l, y, mask, ACCUMULATE)
 
 
 @gluon.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dt_ptr, ckpt_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, N, L, s_ckpt_e,
+    E, N, L, s_ckpt_e, dout_scale,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
-    s_do_b, s_do_e, s_do_l,
+    s_do_b, s_do_e, s_do_l, s_du_b, s_du_e, s_du_l, s_ddt_b, s_ddt_e, s_ddt_l,
+    s_dz_b, s_dz_e, s_dz_l, s_dB_b, s_dB_n, s_dB_l, s_dC_b, s_dC_n, s_dC_l,
     HAS_D: gl.constexpr, HAS_Z: gl.constexpr, HAS_BIAS: gl.constexpr,
     SOFTPLUS: gl.constexpr, REVERSE: gl.constexpr,
+    HAS_SCALE: gl.constexpr, DZ_ACCUMULATE: gl.constexpr, DENSE_GRADS: gl.constexpr,
     BLOCK_N: gl.constexpr, BLOCK_L: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
@@ -309,7 +331,19 @@ def _scan_bwd_kernel(
     do_base = dout_ptr + b * s_do_b
     B_base = B_ptr + b * s_B_b
     C_base = C_ptr + b * s_C_b
-    row_off = b * E * L + e[:, None] * L   # dt scratch, du, ddelta, dz: contiguous (batch, E, L)
+    row_off = b * E * L + e[:, None] * L   # the dt scratch: contiguous (batch, E, L)
+    # du, ddelta, dz: base pointers, and offsets from them to which a chunk adds its times.
+    if DENSE_GRADS:
+        # Contiguous (batch, E, L): the scratch's rows, which take E and L, in registers
+        # already, as strides (the code from before strided outputs).
+        du_base, ddt_base, dz_base = du_ptr + row_off, ddelta_ptr + row_off, dz_ptr + row_off
+        du_off, ddt_off, dz_off = 0, 0, 0
+    else:
+        # Per-image pointers and 32-bit offsets: with a unit channel stride, as channel-minor
+        # outputs have, an offset is the channel index itself, no register more.
+        du_base, du_off = du_ptr + b * s_du_b, e[:, None] * s_du_e
+        ddt_base, ddt_off = ddelta_ptr + b * s_ddt_b, e[:, None] * s_ddt_e
+        dz_base, dz_off = dz_ptr + b * s_dz_b, e[:, None] * s_dz_e
     ckpt_ptrs = ckpt_ptr + (b * E + e_s[:, None]) * s_ckpt_e + n_s[None, :]
     n_chunks = gl.cdiv(L, T)
 
@@ -356,7 +390,12 @@ def _scan_bwd_kernel(
     carry = gl.zeros([BLOCK_E, BLOCK_N], gl.float32, layout=state)
     tr = gl.arange(0, T, layout=gl.SliceLayout(1, gl.SliceLayout(1, reduce3)))
     nr = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, reduce3)))
-    bnl_off = b * N * L + nr[None, :] * L   # dB, dC: contiguous fp32 (batch, N, L)
+    if DENSE_GRADS:  # contiguous fp32 (batch, N, L)
+        bnl_off = b * N * L + nr[None, :] * L
+        dB_base, dC_base, dB_off, dC_off = dB_ptr + bnl_off, dC_ptr + bnl_off, 0, 0
+    else:
+        dB_base, dB_off = dB_ptr + b * s_dB_b, nr[None, :] * s_dB_n
+        dC_base, dC_off = dC_ptr + b * s_dC_b, nr[None, :] * s_dC_n
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         t0, t, t_mask = _chunk_times(c, L, cols, T, REVERSE)
@@ -368,6 +407,8 @@ def _scan_bwd_kernel(
         dt = gl.load(dt_ptr + row_off + t[None, :], mask=mask, other=0.0)
         dtu = dt * u
         dout = _load_tile(do_base, e, s_do_e, t, s_do_l, mask)
+        if HAS_SCALE:
+            dout *= dout_scale
         h = gl.load(ckpt_ptrs + (c - 1) * BLOCK_N, mask=en_mask & (c > 0), other=0.0)
         # B/C staged, and the previous chunk's sums done with the state and decay slots.
         _barrier()
@@ -390,8 +431,8 @@ def _scan_bwd_kernel(
         if HAS_Z:
             zt = _load_tile(z_base, e, s_z_e, t, s_z_l, mask)
             sig = _sigmoid(zt)
-            gl.store(dz_ptr + row_off + t[None, :], dout * y * sig * (1.0 + zt * (1.0 - sig)),
-                     mask=mask)
+            _store_or_add(dz_base + (dz_off + t[None, :] * s_dz_l),
+                          dout * y * sig * (1.0 + zt * (1.0 - sig)), mask, DZ_ACCUMULATE)
             dy = dout * zt * sig
 
         # dt u and dy of the chunk, tokens by channels, for the sums over channels below.
@@ -432,8 +473,8 @@ def _scan_bwd_kernel(
         ddt = gl.where(mask, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += gl.sum(ddt, axis=1)
-        gl.store(du_ptr + row_off + t[None, :], du, mask=mask)
-        gl.store(ddelta_ptr + row_off + t[None, :], ddt, mask=mask)
+        gl.store(du_base + (du_off + t[None, :] * s_du_l), du, mask=mask)
+        gl.store(ddt_base + (ddt_off + t[None, :] * s_ddt_l), ddt, mask=mask)
 
         _barrier()  # every thread's g, h, dt u and dy of the chunk are in shared memory
         # dB and dC: sums over this program's channels, a warp's worth of channels at a time,
@@ -449,8 +490,12 @@ def _scan_bwd_kernel(
             dy_w = dy_smem.slice(w * 32, 32, dim=1).load(gl.SliceLayout(2, reduce3))
             dB += gl.sum(g3.slice(w * 32, 32, dim=1).load(reduce3) * dtu_w[:, :, None], axis=1)
             dC += gl.sum(h3.slice(w * 32, 32, dim=1).load(reduce3) * dy_w[:, :, None], axis=1)
-        gl.atomic_add(dB_ptr + bnl_off + tt[:, None], dB, mask=bc_mask, sem="relaxed")
-        gl.atomic_add(dC_ptr + bnl_off + tt[:, None], dC, mask=bc_mask, sem="relaxed")
+        # (token, state) pairs on the lanes, states fastest: a channel-minor dB or dC (column
+        # slices of one (B, L, R + 2N) buffer) gets a token's states from adjacent lanes.
+        gl.atomic_add(dB_base + (dB_off + tt[:, None] * s_dB_l), dB, mask=bc_mask,
+                      sem="relaxed")
+        gl.atomic_add(dC_base + (dC_off + tt[:, None] * s_dC_l), dC, mask=bc_mask,
+                      sem="relaxed")
 
     gl.atomic_add(dA_ptr + e_s[:, None] * N + n_s[None, :], dA_acc, mask=en_mask,
                   sem="relaxed")
@@ -478,10 +523,10 @@ def _configs(candidates):
 # per warp).
 _FWD_CONFIGS = _configs([(16, 4), (8, 4), (16, 2)])
 _BWD_CONFIGS = _configs([(8, 4), (8, 2), (4, 2)])
-_scan_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])(_scan_fwd_kernel)
-_scan_bwd = triton.autotune(configs=_BWD_CONFIGS, key=["E", "N", "L"],
-                            reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"]
-                            )(_scan_bwd_kernel)
+_scan_fwd = triton.autotune(configs=_FWD_CONFIGS, key=FWD_KEY, restore_value=FWD_RESTORE
+                            )(_scan_fwd_kernel)
+_scan_bwd = triton.autotune(configs=_BWD_CONFIGS, key=BWD_KEY, reset_to_zero=BWD_RESET,
+                            restore_value=BWD_RESTORE)(_scan_bwd_kernel)
 
 
 def _block_n(N: int) -> int:
@@ -499,16 +544,24 @@ def _channels_per_program(meta) -> int:
     return 32 * meta["num_warps"]          # one channel per thread
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out=None,
+                 out_scale: float = 1.0, accumulate: bool = False):
+    """The scan's output (B, E, L); nothing is kept. ``out``, ``out_scale``, ``accumulate``:
+    as ``triton_kernels.scan_forward``'s (an output buffer of any strides and float dtype,
+    written or added to, scaled)."""
     return launch_forward(_scan_fwd, _channels_per_program, _block_n(A.shape[1]), u, delta, A,
-                          B, C, D, z, delta_bias, delta_softplus, reverse)
+                          B, C, D, z, delta_bias, delta_softplus, reverse, out, out_scale,
+                          accumulate)
 
 
-def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
+                  dout_scale: float = 1.0, du=None, ddelta=None, dz=None,
+                  dz_accumulate: bool = False, dB=None, dC=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
     None for an absent optional input. The kernel first stores the state at each chunk
-    boundary into a scratch buffer that lives for this call only."""
+    boundary into a scratch buffer that lives for this call only. The optional arguments are
+    ``triton_kernels.scan_backward``'s (dout's scale, output buffers of any strides)."""
     return launch_backward(_scan_bwd, _channels_per_program, _block_n(A.shape[1]),
                            _boundary_slots(u.shape[2]), u, delta, A, B, C, D, z, delta_bias,
-                           dout, delta_softplus, reverse)
+                           dout, delta_softplus, reverse, dout_scale, du, ddelta, dz,
+                           dz_accumulate, dB, dC)

@@ -3,7 +3,8 @@
 Computes exactly what ``selective_scan.selective_scan_reference`` computes (see the package's
 interface for the math and argument layout): u, delta, z of shape (batch, E, L); A (E, N); B, C
 (batch, N, L); D, delta_bias (E,). All arithmetic and the scan state are fp32 whatever the
-input dtype; outputs and gradients come back in their inputs' dtypes.
+input dtype; outputs and gradients come back in their inputs' dtypes, or go into tensors the
+caller passes (see ``scan_forward`` and ``scan_backward``).
 
 Design, and why:
 
@@ -25,6 +26,12 @@ Design, and why:
 * No flip copies: "scan order" position s maps to time t = s, or t = L-1-s when
   ``reverse``; only the addresses differ, so reverse costs the same as forward, and strided
   views (x/z slices of one xz tensor, B/C slices of a projection) are read in place.
+* Outputs go where the caller's next op reads them, through their strides: a bidirectional
+  mixer has the forward direction write 1/2 y into a channel-minor view of the (B, L, E)
+  buffer out_proj reads and the reverse direction add its 1/2 y there, and its backward
+  take dz, du, ddelta, dB and dC in the layouts of the GEMMs that follow, with no
+  transposing copies. Contiguous outputs, the default, compile to the same code as before
+  (``DENSE_*``: E and L, in registers already, serve as their strides).
 * Nothing but the inputs is kept for the backward (the chunk-boundary states, batch x E x
   (chunks-1) x N fp32, are 1.8x the bytes of a bf16 u for 16-token chunks at L=208, N=16:
   ~7 GB over a Mamba-B training step at batch 128). The backward kernel first computes
@@ -93,6 +100,19 @@ _FWD_CONFIGS = _configs([(4, 4, 16), (4, 2, 16), (8, 4, 16), (8, 4, 32), (8, 2, 
 # 4 tokens make that 0.64 GB for one Mamba-B scan at batch 128, 2 would double it and the
 # traffic of writing and reading it.
 _BWD_CONFIGS = _configs([(8, 4, 8), (8, 2, 8), (4, 2, 4, 2), (4, 1, 4, 2)])
+
+# Autotuning (both families): keyed on the outputs' channel and time strides too, and on
+# whether an output is added to, so that a time-contiguous output and a channel-minor one (a
+# different store pattern), or one written and one read and written, are timed apart.
+# Timing runs a candidate on the caller's tensors, again and again: outputs that are added to
+# (``accumulate``, dz, and dB and dC, which the caller may have filled) are put back after
+# each run, the kernel's own accumulators zeroed.
+FWD_KEY = ["E", "N", "L", "s_out_e", "s_out_l", "ACCUMULATE"]
+BWD_KEY = ["E", "N", "L", "s_du_e", "s_du_l", "s_ddt_e", "s_ddt_l", "s_dz_e", "s_dz_l",
+           "s_dB_n", "s_dB_l", "s_dC_n", "s_dC_l", "DZ_ACCUMULATE"]
+FWD_RESTORE = ["out_ptr"]
+BWD_RESET = ["dA_ptr", "dD_ptr", "dbias_ptr"]
+BWD_RESTORE = ["dz_ptr", "dB_ptr", "dC_ptr"]
 
 
 @triton.jit
@@ -163,6 +183,15 @@ def _load_tn(ptr, t, n, s_l, s_n, mask):
 
 
 @triton.jit
+def _store_or_add(ptrs, x, mask, ACCUMULATE: tl.constexpr):
+    """Store a tile (cast to the pointers' dtype), or with ``ACCUMULATE`` add it to what is
+    there, in fp32. Each element is read and written by the thread that computed it."""
+    if ACCUMULATE:
+        x += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, x, mask=mask)
+
+
+@triton.jit
 def _te(x):
     """(time, channel) -> broadcastable against the (time, N2, channel, N1) state tile."""
     return x[:, None, :, None]
@@ -224,15 +253,17 @@ def _chunk_states(u, dt, Bt, A2, h, first):
     return hs, dBu, dA
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["E", "N", "L"])
+@triton.autotune(configs=_FWD_CONFIGS, key=FWD_KEY, restore_value=FWD_RESTORE)
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    E, N, L,
+    E, N, L, out_scale,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
+    s_out_b, s_out_e, s_out_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DENSE_OUT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     N_LANES: tl.constexpr,
 ):
@@ -256,7 +287,10 @@ def _scan_fwd_kernel(
     B_base = B_ptr + b * s_B_b
     C_base = C_ptr + b * s_C_b
     z_base = z_ptr + b * s_z_b
-    out_base = out_ptr + b * E * L + e[None, :] * L
+    if DENSE_OUT:  # a contiguous (batch, E, L) out: E and L, in registers already, as strides
+        out_rows = out_ptr + b * E * L + e[None, :] * L
+    else:
+        out_rows = out_ptr + b * s_out_b + e[None, :] * s_out_e
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
 
     h = tl.zeros((N2, BLOCK_E, N1), dtype=tl.float32)
@@ -274,21 +308,29 @@ def _scan_fwd_kernel(
         if HAS_Z:
             zt = _load_te(z_base, t, e, s_z_l, s_z_e, mask)
             y *= zt * _sigmoid(zt)
-        tl.store(out_base + t[:, None], y, mask=mask)
+        if HAS_SCALE:
+            y *= out_scale
+        # Time sits in each thread's registers and channels on the lanes: time-contiguous
+        # outputs get vector stores per thread; channel-minor ones one store per token, the
+        # warp's 32 / N_LANES channels contiguous (a sector's worth at 8 bf16 channels), the
+        # program's warps filling the adjacent channels.
+        _store_or_add(out_rows + t[:, None] * s_out_l, y, mask, ACCUMULATE)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["E", "N", "L"],
-                 reset_to_zero=["dA_ptr", "dB_ptr", "dC_ptr", "dD_ptr", "dbias_ptr"])
+@triton.autotune(configs=_BWD_CONFIGS, key=BWD_KEY, reset_to_zero=BWD_RESET,
+                 restore_value=BWD_RESTORE)
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dt_ptr, ckpt_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, N, L, s_ckpt_e,
+    E, N, L, s_ckpt_e, dout_scale,
     s_u_b, s_u_e, s_u_l, s_dt_b, s_dt_e, s_dt_l, s_A_e, s_A_n,
     s_B_b, s_B_n, s_B_l, s_C_b, s_C_n, s_C_l, s_z_b, s_z_e, s_z_l,
-    s_do_b, s_do_e, s_do_l,
+    s_do_b, s_do_e, s_do_l, s_du_b, s_du_e, s_du_l, s_ddt_b, s_ddt_e, s_ddt_l,
+    s_dz_b, s_dz_e, s_dz_l, s_dB_b, s_dB_n, s_dB_l, s_dC_b, s_dC_n, s_dC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DZ_ACCUMULATE: tl.constexpr, DENSE_GRADS: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     N_LANES: tl.constexpr,
 ):
@@ -313,8 +355,23 @@ def _scan_bwd_kernel(
     C_base = C_ptr + b * s_C_b
     z_base = z_ptr + b * s_z_b
     do_base = dout_ptr + b * s_do_b
-    row_base = b * E * L + e[None, :] * L          # dt, du, ddelta, dz: contiguous (batch, E, L)
-    bnl_base = b * N * L + n[None, :, :] * L       # dB, dC: contiguous fp32 (batch, N, L)
+    row_base = b * E * L + e[None, :] * L          # the dt scratch: contiguous (batch, E, L)
+    # Each gradient's base pointers, and offsets from them to which a chunk adds its times.
+    if DENSE_GRADS:
+        # Contiguous (batch, E, L) and (batch, N, L): the scratch's rows, which take E, N and
+        # L, in registers already, as strides (the code from before strided outputs).
+        bnl_base = b * N * L + n[None, :, :] * L
+        du_base, ddt_base, dz_base = du_ptr + row_base, ddelta_ptr + row_base, dz_ptr + row_base
+        dB_base, dC_base = dB_ptr + bnl_base, dC_ptr + bnl_base
+        du_off, ddt_off, dz_off, dB_off, dC_off = 0, 0, 0, 0, 0
+    else:
+        # Per-image pointers and 32-bit offsets: with a unit channel (or state) stride, as
+        # channel-minor outputs have, an offset is the index itself, no register more.
+        du_base, du_off = du_ptr + b * s_du_b, e[None, :] * s_du_e
+        ddt_base, ddt_off = ddelta_ptr + b * s_ddt_b, e[None, :] * s_ddt_e
+        dz_base, dz_off = dz_ptr + b * s_dz_b, e[None, :] * s_dz_e
+        dB_base, dB_off = dB_ptr + b * s_dB_b, n[None, :, :] * s_dB_n
+        dC_base, dC_off = dC_ptr + b * s_dC_b, n[None, :, :] * s_dC_n
     ckpt_ptrs = ckpt_ptr + (b * E + e[None, :, None]) * s_ckpt_e + n[:, None, :]
     first = (tl.arange(0, BLOCK_L) == 0)[:, None, None, None]
     n_chunks = tl.cdiv(L, BLOCK_L)
@@ -360,6 +417,8 @@ def _scan_bwd_kernel(
         hs, _, dA = _chunk_states(u, dt, Bt, A2, h0, first)
         Ct = _load_tn(C_base, t, n, s_C_l, s_C_n, nl_mask)
         dout = _load_te(do_base, t, e, s_do_l, s_do_e, mask)
+        if HAS_SCALE:
+            dout *= dout_scale
 
         dy = dout
         if HAS_Z:
@@ -368,12 +427,15 @@ def _scan_bwd_kernel(
             if HAS_D:
                 y += D[None, :] * u
             sig = _sigmoid(zt)
-            tl.store(dz_ptr + row_base + t[:, None], dout * y * sig * (1.0 + zt * (1.0 - sig)),
-                     mask=mask)
+            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+            _store_or_add(dz_base + (dz_off + t[:, None] * s_dz_l), dz, mask, DZ_ACCUMULATE)
             dy = dout * zt * sig
 
         dC = tl.sum(hs * _te(dy), axis=2)  # over this program's channels, before the atomics
-        tl.atomic_add(dC_ptr + bnl_base + t[:, None, None], dC, mask=nl_mask, sem="relaxed")
+        # N1 states on the lanes: a channel-minor dB or dC (column slices of one (B, L, R + 2N)
+        # buffer) gets a token's N1 states from adjacent lanes, a time-contiguous one N1 rows.
+        tl.atomic_add(dC_base + (dC_off + t[:, None, None] * s_dC_l), dC, mask=nl_mask,
+                      sem="relaxed")
         # exp(delta_s A) h_{s-1} as a product, the states shifted by one token: h_s - dBu_s
         # would cancel to noise where the decay underflows and h_s is all input term.
         ah = dA * tl.where(first, h0[None], _shift(hs))
@@ -401,10 +463,12 @@ def _scan_bwd_kernel(
         ddt = tl.where(mask, ddt, 0.0)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + row_base + t[:, None], du, mask=mask)
-        tl.store(ddelta_ptr + row_base + t[:, None], ddt, mask=mask)
+        # Coalescing as for the forward's output.
+        tl.store(du_base + (du_off + t[:, None] * s_du_l), du, mask=mask)
+        tl.store(ddt_base + (ddt_off + t[:, None] * s_ddt_l), ddt, mask=mask)
         dB = tl.sum(g * _te(dt * u), axis=2)
-        tl.atomic_add(dB_ptr + bnl_base + t[:, None, None], dB, mask=nl_mask, sem="relaxed")
+        tl.atomic_add(dB_base + (dB_off + t[:, None, None] * s_dB_l), dB, mask=nl_mask,
+                      sem="relaxed")
 
     tl.atomic_add(dA_ptr + e[None, :, None] * N + n[:, None, :], dA_acc, mask=en_mask,
                   sem="relaxed")
@@ -416,6 +480,27 @@ def _scan_bwd_kernel(
 
 def _strides3(t):
     return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _output(name: str, given, shape: tuple, dtype: torch.dtype, device: torch.device,
+            accumulator: bool = False) -> torch.Tensor:
+    """An output buffer: ``given`` once checked (shape, device, a float dtype; ``dtype``
+    itself for an ``accumulator``, which the kernel adds into with fp32 atomics), else a new
+    contiguous one (zeros for an accumulator)."""
+    if given is None:
+        return (torch.zeros if accumulator else torch.empty)(shape, dtype=dtype, device=device)
+    if tuple(given.shape) != shape or given.device != device:
+        raise ValueError(f"{name}: expected shape {shape} on {device}, got "
+                         f"{tuple(given.shape)} on {given.device}")
+    if not given.is_floating_point() or (accumulator and given.dtype != dtype):
+        raise ValueError(f"{name}: expected {dtype if accumulator else 'a float dtype'}, got "
+                         f"{given.dtype}")
+    return given
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether a (B, X, L) tensor has the strides of a new contiguous one."""
+    return tuple(t.stride()) == (t.shape[1] * t.shape[2], t.shape[2], 1)
 
 
 def boundary_slots(kernel, L: int) -> int:
@@ -430,10 +515,11 @@ def _boundary_slots(L: int) -> int:
 
 
 def launch_forward(kernel, channels_per_program, block_n, u, delta, A, B, C, D, z, delta_bias,
-                   delta_softplus, reverse):
+                   delta_softplus, reverse, out=None, out_scale=1.0, accumulate=False):
     """Run a forward scan kernel with this module's arguments (``gluon_kernels`` shares
     them): one program per (``channels_per_program(meta)`` channels, image). Returns the
-    output (B, E, L) in u's dtype; nothing is kept."""
+    output (B, E, L): ``out`` (see ``scan_forward``) or a new one in u's dtype; nothing is
+    kept."""
     batch, E, L = u.shape
     N = A.shape[1]
     if delta.shape != u.shape or B.shape != (batch, N, L) or C.shape != (batch, N, L):
@@ -444,53 +530,73 @@ def launch_forward(kernel, channels_per_program, block_n, u, delta, A, B, C, D, 
     # The kernels index D and delta_bias as dense vectors (they are tiny).
     D = None if D is None else D.contiguous()
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
-    out = torch.empty((batch, E, L), dtype=u.dtype, device=u.device)
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs an out tensor to add to")
+    out = _output("out", out, (batch, E, L), u.dtype, u.device)
     # Unused optional pointers get u as a stand-in; the constexpr flags skip their loads.
     grid = lambda meta: (triton.cdiv(E, channels_per_program(meta)), batch)  # noqa: E731
     kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, out,
-        E, N, L,
+        E, N, L, float(out_scale),
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
+        *out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=block_n,
+        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), HAS_SCALE=out_scale != 1.0,
+        ACCUMULATE=bool(accumulate), DENSE_OUT=_dense(out), BLOCK_N=block_n,
     )
     return out
 
 
 def launch_backward(kernel, channels_per_program, block_n, slots, u, delta, A, B, C, D, z,
-                    delta_bias, dout, delta_softplus, reverse):
+                    delta_bias, dout, delta_softplus, reverse, dout_scale=1.0, du=None,
+                    ddelta=None, dz=None, dz_accumulate=False, dB=None, dC=None):
     """Run a backward scan kernel with this module's arguments, ``slots`` boundary states per
     channel in its scratch. Returns (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), None for
-    an absent optional input; the scratch buffers live for this call only."""
+    an absent optional input, the given output tensors as given (see ``scan_backward``);
+    the scratch buffers live for this call only."""
     batch, E, L = u.shape
     N = A.shape[1]
     D = None if D is None else D.contiguous()
     delta_bias = None if delta_bias is None else delta_bias.contiguous()
     dev, f32 = u.device, torch.float32
+    if z is None and dz is not None:
+        raise ValueError("dz given for a scan without z")
+    if dz_accumulate and dz is None:
+        raise ValueError("dz_accumulate=True needs a dz tensor to add to")
     ckpt = torch.empty((batch, E, slots, block_n), dtype=f32, device=dev)
     dt = torch.empty((batch, E, L), dtype=f32, device=dev)
-    du = torch.empty((batch, E, L), dtype=u.dtype, device=dev)
-    ddelta = torch.empty((batch, E, L), dtype=delta.dtype, device=dev)
-    dz = None if z is None else torch.empty((batch, E, L), dtype=z.dtype, device=dev)
+    shape = (batch, E, L)
+    # du and ddelta by default in u's and delta's layouts (where those are dense): the
+    # projections they go back through read them as their inputs were read, with no copy.
+    du_out = torch.empty_like(u) if du is None else _output("du", du, shape, u.dtype, dev)
+    ddelta_out = (torch.empty_like(delta) if ddelta is None
+                  else _output("ddelta", ddelta, shape, delta.dtype, dev))
+    dz_out = None if z is None else _output("dz", dz, shape, z.dtype, dev)
+    dB_out = _output("dB", dB, (batch, N, L), f32, dev, accumulator=True)
+    dC_out = _output("dC", dC, (batch, N, L), f32, dev, accumulator=True)
     dA = torch.zeros((E, N), dtype=f32, device=dev)
-    dB = torch.zeros((batch, N, L), dtype=f32, device=dev)
-    dC = torch.zeros((batch, N, L), dtype=f32, device=dev)
     dD = torch.zeros((E,), dtype=f32, device=dev)
     dbias = torch.zeros((E,), dtype=f32, device=dev)
     grid = lambda meta: (triton.cdiv(E, channels_per_program(meta)), batch)  # noqa: E731
     kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, dt, ckpt, dout,
-        du, ddelta, dA, dB, dC, dD, du if dz is None else dz, dbias,
-        E, N, L, ckpt.stride(1),
+        du_out, ddelta_out, dA, dB_out, dC_out, dD, du_out if dz_out is None else dz_out, dbias,
+        E, N, L, ckpt.stride(1), float(dout_scale),
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
-        *dout.stride(),
+        *dout.stride(), *du_out.stride(), *ddelta_out.stride(), *_strides3(dz_out),
+        *dB_out.stride(), *dC_out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), BLOCK_N=block_n,
+        SOFTPLUS=bool(delta_softplus), REVERSE=bool(reverse), HAS_SCALE=dout_scale != 1.0,
+        DZ_ACCUMULATE=bool(dz_accumulate), BLOCK_N=block_n,
+        DENSE_GRADS=all(_dense(t) for t in (du_out, ddelta_out, dz_out, dB_out, dC_out)
+                        if t is not None),
     )
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if D is None else dD.to(D.dtype), dz,
+    return (du_out, ddelta_out, dA.to(A.dtype),
+            dB_out if dB is not None else dB_out.to(B.dtype),
+            dC_out if dC is not None else dC_out.to(C.dtype),
+            None if D is None else dD.to(D.dtype), dz_out,
             None if delta_bias is None else dbias.to(delta_bias.dtype))
 
 
@@ -498,17 +604,35 @@ def _channels_per_program(meta) -> int:
     return meta["BLOCK_E"]
 
 
-def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse):
-    """The scan's output (B, E, L) in u's dtype; nothing is kept."""
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out=None,
+                 out_scale: float = 1.0, accumulate: bool = False):
+    """The scan's output (B, E, L); nothing is kept.
+
+    ``out``: a (B, E, L) tensor of any float dtype and strides to write it into, through its
+    strides (e.g. a channel-minor view of a (B, L, E) buffer that the next GEMM reads with
+    no copy): ``out = out_scale * y``, or ``out += out_scale * y`` with ``accumulate`` (in
+    fp32), so that the two directions of a bidirectional mixer can average into one buffer.
+    None: a new contiguous tensor in u's dtype."""
     return launch_forward(_scan_fwd_kernel, _channels_per_program,
                           triton.next_power_of_2(A.shape[1]), u, delta, A, B, C, D, z,
-                          delta_bias, delta_softplus, reverse)
+                          delta_bias, delta_softplus, reverse, out, out_scale, accumulate)
 
 
-def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse):
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
+                  dout_scale: float = 1.0, du=None, ddelta=None, dz=None,
+                  dz_accumulate: bool = False, dB=None, dC=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
     None for an absent optional input. The kernel first recomputes delta and the state at
-    each chunk boundary into scratch buffers that live for this call only."""
+    each chunk boundary into scratch buffers that live for this call only.
+
+    The gradient taken is that of ``dout_scale`` x the output (the 1/2 of a direction
+    average). ``du``, ``ddelta``, ``dz``: (B, E, L) tensors of any float dtype and strides
+    to write those gradients into (``dz +=`` with ``dz_accumulate``); None: new ones in u's,
+    delta's, z's dtype, du and ddelta in the layout of u and delta where those are dense
+    (``torch.empty_like``), dz contiguous. ``dB``, ``dC``: fp32 (B, N, L) tensors of any strides
+    that the kernel adds its gradients to (the caller zeroes or fills them), returned as
+    given; None: new ones, returned in B's and C's dtype."""
     return launch_backward(_scan_bwd_kernel, _channels_per_program,
                            triton.next_power_of_2(A.shape[1]), _boundary_slots(u.shape[2]),
-                           u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
+                           u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
+                           dout_scale, du, ddelta, dz, dz_accumulate, dB, dC)

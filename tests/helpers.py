@@ -217,6 +217,80 @@ def check_no_softplus(scan, batch, E, N, L, reverse, device=DEVICE):
         assert rel_err(a, b) < 1e-4, k
 
 
+def _two_directions(batch, E, N, L, device):
+    """Inputs of a bidirectional mixer's two scans (their own values, one z: the z half of
+    in_proj's output, which both directions gate with), as leaves and as detached arguments."""
+    fwd_leaves, fwd = make_scan_inputs(batch, E, N, L, seed=0, device=device)
+    rev_leaves, rev = make_scan_inputs(batch, E, N, L, seed=1, device=device)
+    del rev_leaves["z"]
+    rev["z"] = fwd["z"]
+    detached = [{k: None if v is None else v.detach() for k, v in args.items()}
+                for args in (fwd, rev)]
+    return (fwd_leaves, fwd), (rev_leaves, rev), detached
+
+
+def check_direction_average(forward, batch, E, N, L, buffer_dtype, tol, device=DEVICE):
+    """``forward`` (a kernel family's ``scan_forward``) averages a bidirectional mixer's two
+    scans into one (B, L, E) buffer, as out_proj reads it: the forward direction writes
+    0.5 y into its channel-minor (B, E, L) view, the reverse direction adds its 0.5 y. NaN
+    beforehand, so a place left unwritten, or added to before it is written, shows."""
+    (_, fwd), (_, rev), (fwd_in, rev_in) = _two_directions(batch, E, N, L, device)
+    buffer = torch.full((batch, L, E), float("nan"), dtype=buffer_dtype, device=device)
+    out = buffer.transpose(1, 2)
+    with torch.no_grad():
+        got = forward(*(fwd_in[k] for k in NAMES), True, False, out=out, out_scale=0.5)
+        assert got is out
+        forward(*(rev_in[k] for k in NAMES), True, True, out=out, out_scale=0.5,
+                accumulate=True)
+        want = 0.5 * (selective_scan_reference(*(fwd[k] for k in NAMES)) +
+                      selective_scan_reference(*(rev[k] for k in NAMES), reverse=True))
+    assert buffer.dtype == buffer_dtype and rel_err(buffer.transpose(1, 2), want) < tol
+
+
+def check_direction_average_backward(backward, batch, E, N, L, rank=3, device=DEVICE):
+    """``backward`` (a kernel family's ``scan_backward``) writes the gradients of a
+    bidirectional mixer's two scans where the mixer's backward reads them: dout is the
+    averaged (B, L, E) buffer's gradient, the 0.5 passed as ``dout_scale``; du and ddelta
+    go to channel-minor views; dz of both directions to the z half of one (B, L, 2E)
+    buffer (the forward direction writes it, the reverse adds), whose x half stays NaN;
+    dB and dC are added to their column slices of each direction's fp32 (B, L, R + 2N)
+    buffer, filled beforehand with known values (and its R columns left alone). Every
+    gradient against autograd through the oracle."""
+    (fwd_leaves, fwd), (rev_leaves, rev), inputs = _two_directions(batch, E, N, L, device)
+    g = torch.Generator().manual_seed(2)
+    dout = torch.randn(batch, L, E, generator=g).to(device).transpose(1, 2)
+    average = 0.5 * (selective_scan_reference(*(fwd[k] for k in NAMES)) +
+                     selective_scan_reference(*(rev[k] for k in NAMES), reverse=True))
+    leaves = {**{("fwd", k): v for k, v in fwd_leaves.items()},
+              **{("rev", k): v for k, v in rev_leaves.items()}}
+    want = dict(zip(leaves, torch.autograd.grad(average, list(leaves.values()), dout)))
+
+    nan = float("nan")
+    dxz = torch.full((batch, L, 2 * E), nan, device=device)
+    dz = dxz[:, :, E:].transpose(1, 2)
+    for i, name in enumerate(("fwd", "rev")):
+        filled = torch.randn(batch, L, rank + 2 * N, generator=g).to(device)
+        dx_dbl = filled.clone()
+        du = torch.full((batch, L, E), nan, device=device).transpose(1, 2)
+        ddelta = torch.full((batch, L, E), nan, device=device).transpose(1, 2)
+        dB = dx_dbl[:, :, rank:rank + N].transpose(1, 2)
+        dC = dx_dbl[:, :, rank + N:].transpose(1, 2)
+        with torch.no_grad():
+            grads = backward(*(inputs[i][k] for k in NAMES), dout, True, name == "rev",
+                             dout_scale=0.5, du=du, ddelta=ddelta, dz=dz,
+                             dz_accumulate=name == "rev", dB=dB, dC=dC)
+        assert [grads[j] is t for j, t in ((0, du), (1, ddelta), (3, dB), (4, dC), (6, dz))
+                ] == [True] * 5, name
+        got = dict(u=du, delta=ddelta, A=grads[2], D=grads[5], delta_bias=grads[7],
+                   B=dB - filled[:, :, rank:rank + N].transpose(1, 2),
+                   C=dC - filled[:, :, rank + N:].transpose(1, 2))
+        for k, v in got.items():
+            assert rel_err(v, want[name, k]) < 1e-4, (name, k)
+        assert torch.equal(dx_dbl[:, :, :rank], filled[:, :, :rank]), name
+    assert rel_err(dz, want["fwd", "z"]) < 1e-4
+    assert dxz[:, :, :E].isnan().all()
+
+
 # --------------------------------------------------------------------------- kernel statistics
 
 def run_kernel_stats(*args):

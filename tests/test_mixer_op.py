@@ -1,5 +1,6 @@
-"""The mixer's custom op (one scan direction: conv, projections, scan) against the spec's math
-under plain autograd, for every scan backend that runs here; what it keeps; its registration."""
+"""The mixer's custom op (both scan directions: conv, projections, scans, their average)
+against the spec's math under plain autograd, for every scan backend that runs here; what it
+keeps; its registration."""
 import contextlib
 
 import pytest
@@ -11,27 +12,28 @@ from helpers import fake_causal_conv1d, fake_cuda_extension, triton_interpreted
 from selective_scan import cuda_kernels, mixer_op
 
 E, N, R, K = 12, 4, 2, 4          # channels, states, dt rank, conv width
-PARAMS = ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias",
-          "A_log", "D")
+PARAMS = mixer_op.DIRECTION_PARAMS
 
 
-def make_direction(batch=2, length=9, dtype=torch.float64, seed=0):
-    """x and z as the mixer passes them (channel halves of a transposed in_proj output, so
-    channel-minor views of one tensor), and one direction's parameters."""
+def make_inputs(batch=2, length=9, dtype=torch.float64, seed=0):
+    """in_proj's output xz (B, L, 2E) and the two directions' parameters."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, offset=0.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
                 + offset).to(dtype)
 
+    def direction():
+        params = dict(conv_weight=rand(E, 1, K, scale=0.5), conv_bias=rand(E, scale=0.1),
+                      x_proj_weight=rand(R + 2 * N, E, scale=0.3), dt_proj_weight=rand(E, R),
+                      dt_proj_bias=rand(E, scale=0.3, offset=-1.0),
+                      A_log=torch.log(torch.rand(E, N, generator=gen, dtype=torch.float64) * 3
+                                      + 0.5).to(dtype),
+                      D=rand(E))
+        return {k: params[k].requires_grad_() for k in PARAMS}
+
     xz = rand(batch, length, 2 * E).requires_grad_()
-    params = dict(conv_weight=rand(E, 1, K, scale=0.5), conv_bias=rand(E, scale=0.1),
-                  x_proj_weight=rand(R + 2 * N, E, scale=0.3), dt_proj_weight=rand(E, R),
-                  dt_proj_bias=rand(E, scale=0.3, offset=-1.0),
-                  A_log=torch.log(torch.rand(E, N, generator=gen, dtype=torch.float64) * 3 + 0.5
-                                  ).to(dtype),
-                  D=rand(E))
-    return xz, {k: v.requires_grad_() for k, v in params.items()}
+    return xz, direction(), direction()
 
 
 def split_xz(xz):
@@ -58,14 +60,23 @@ def spec_direction(x, z, p, reverse):
     return y.flip(-1) if reverse else y
 
 
-def run_op(xz, params, reverse, backend):
+def spec_bimamba(xz, forward, backward):
+    """Both directions' mean, (B, L, E) as out_proj reads it."""
     x, z = split_xz(xz)
-    return mixer_op.ssm_direction(x, z, *(params[k] for k in PARAMS), reverse, backend,
-                                   mixer_op.channel_minor_output(backend, x))
+    y = (spec_direction(x, z, forward, False) + spec_direction(x, z, backward, True)) / 2
+    return y.transpose(1, 2)
 
 
-def grads_of(out, xz, params, g):
-    return torch.autograd.grad(out, [xz, *params.values()], g)
+def run_op(xz, forward, backward, backend):
+    return mixer_op.bimamba(xz, *forward.values(), *backward.values(), backend)
+
+
+def leaves_of(xz, forward, backward):
+    return [xz, *forward.values(), *backward.values()]
+
+
+def leaf_names():
+    return ["xz"] + [f"{k}{suffix}" for suffix in ("", "_b") for k in PARAMS]
 
 
 # What the ``torch`` backend runs on the CPU (compiled with Numba, or the PyTorch loop without
@@ -75,9 +86,8 @@ IMPLS = ["compiled", "loop", "cuda", pytest.param("triton", marks=pytest.mark.ke
          pytest.param("gluon", marks=pytest.mark.kernels)]
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl, reverse):
+def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl):
     backend, dtype, tol = "torch", torch.float64, dict(rtol=1e-7, atol=1e-9)
     calls = []
     if impl == "loop":
@@ -109,33 +119,34 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl, rev
             stack.enter_context(interpreted(gluon_kernels, {
                 "_scan_fwd": triton.Config({"BLOCK_L": 16}, num_warps=1),
                 "_scan_bwd": triton.Config({"BLOCK_L": 8}, num_warps=1)}))
-    xz, params = make_direction(length=21, dtype=dtype)
-    want = spec_direction(*split_xz(xz), params, reverse)
-    got = run_op(xz, params, reverse, backend)
-    # Channel-minor where the compiled CPU scan writes it (out_proj reads it so), else
-    # contiguous.
-    assert got.dtype == dtype
-    assert (got.transpose(1, 2) if impl == "compiled" else got).is_contiguous()
+    xz, forward, backward = make_inputs(length=21, dtype=dtype)
+    want = spec_bimamba(xz, forward, backward)
+    got = run_op(xz, forward, backward, backend)
+    # (B, L, E) as out_proj reads it, whatever the backend.
+    assert got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, want, **tol)
     g = torch.randn_like(want)
-    names = ["xz", *params]
-    for name, a, b in zip(names, grads_of(got, xz, params, g), grads_of(want, xz, params, g)):
+    leaves = leaves_of(xz, forward, backward)
+    got_grads = torch.autograd.grad(got, leaves, g)
+    assert got_grads[0].is_contiguous()     # dxz in in_proj's layout, no copy after
+    for name, a, b in zip(leaf_names(), got_grads, torch.autograd.grad(want, leaves, g)):
         torch.testing.assert_close(a, b, **tol, msg=f"{impl}: gradient of {name}")
     if impl == "cuda":
-        # The conv kernel in the forward and in the backward's recompute; the scan's forward
-        # kernel again in the backward.
-        assert calls == ["conv", "fwd", "conv", "fwd", "bwd"]
+        # Per direction the conv kernel in the forward and in the backward's recompute; the
+        # scan's forward kernel again in the backward.
+        assert calls == ["conv", "fwd", "conv", "fwd", "conv", "fwd", "bwd", "conv", "fwd",
+                         "bwd"]
 
 
 def test_op_keeps_only_its_inputs_for_the_backward():
-    """x and z (views of in_proj's output) and the weights: not u, delta, the conv's
-    pre-activation or the projection, each redone in the backward."""
-    xz, params = make_direction()
+    """xz (in_proj's output) and the weights: not u, delta, the conv's pre-activation or the
+    projection, each redone in the backward."""
+    xz, forward, backward = make_inputs()
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out = run_op(xz, params, False, "torch")
+        out = run_op(xz, forward, backward, "torch")
     storages = {t.untyped_storage().data_ptr() for t in kept}
-    allowed = {t.untyped_storage().data_ptr() for t in [xz, *params.values()]}
+    allowed = {t.untyped_storage().data_ptr() for t in leaves_of(xz, forward, backward)}
     assert storages == allowed
     assert out.grad_fn is not None
 
@@ -143,37 +154,34 @@ def test_op_keeps_only_its_inputs_for_the_backward():
 def test_op_registration_passes_torch_library_opcheck():
     """Schema, fake (shape-only) implementation, autograd registration and AOT dispatch, as
     torch.compile will use them."""
-    xz, params = make_direction(dtype=torch.float32)
-    x, z = split_xz(xz)
-    for reverse, channel_minor in ((False, False), (True, False), (False, True)):
-        torch.library.opcheck(mixer_op.ssm_direction,
-                              (x, z, *(params[k] for k in PARAMS), reverse, "torch",
-                               channel_minor))
+    xz, forward, backward = make_inputs(dtype=torch.float32)
+    torch.library.opcheck(mixer_op.bimamba, (*leaves_of(xz, forward, backward), "torch"))
     with torch.no_grad():
-        dout = torch.randn(x.shape)
-    torch.library.opcheck(mixer_op.ssm_direction_backward,
-                          (dout, x.detach(), z.detach(),
-                           *(params[k].detach() for k in PARAMS), True, "torch"))
+        dout = torch.randn(xz.shape[0], xz.shape[1], E)
+    torch.library.opcheck(mixer_op.bimamba_backward,
+                          (dout, *(t.detach() for t in leaves_of(xz, forward, backward)),
+                           "torch"))
 
 
 def test_op_under_bf16_autocast_returns_input_dtypes():
-    """Under autocast x and z arrive in bf16 (in_proj's output) and the weights in fp32: the
+    """Under autocast xz arrives in bf16 (in_proj's output) and the weights in fp32: the
     output is bf16 and every gradient comes back in its input's dtype."""
-    xz, params = make_direction(dtype=torch.float32)
+    xz, forward, backward = make_inputs(dtype=torch.float32)
     xz_bf16 = xz.detach().bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run_op(xz_bf16, params, True, "torch")
+        got = run_op(xz_bf16, forward, backward, "torch")
     assert got.dtype == torch.bfloat16
-    grads = grads_of(got.float(), xz_bf16, params, torch.ones(got.shape))
-    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * len(params)
-    want = spec_direction(*split_xz(xz), params, True)
+    leaves = leaves_of(xz_bf16, forward, backward)
+    grads = torch.autograd.grad(got.float(), leaves, torch.ones(got.shape))
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * (len(leaves) - 1)
+    want = spec_bimamba(xz, forward, backward)
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
 
 
 def test_backend_without_kernels_is_refused():
-    xz, params = make_direction()
+    xz, forward, backward = make_inputs()
     with pytest.raises(ValueError, match="reference"):
-        run_op(xz, params, False, "reference")
+        run_op(xz, forward, backward, "reference")
 
 
 def spec_conv_silu(x, weight, bias, reverse):
@@ -221,13 +229,10 @@ def test_cpu_conv_is_the_compiled_one_where_it_applies(monkeypatch):
     from selective_scan import cpu_numba
     x = torch.zeros(1, 2, 3)
     for dtype in (torch.float32, torch.float64):
-        assert mixer_op.conv_kernels("torch", x.to(dtype)) == (
-            cpu_numba.conv_silu_forward, cpu_numba.conv_silu_backward)
-    pytorch_pair = (mixer_op.conv_silu, mixer_op.conv_silu_backward)
-    assert mixer_op.conv_kernels("torch", x.bfloat16()) == pytorch_pair
-    assert mixer_op.conv_kernels("triton", x) == pytorch_pair
+        assert mixer_op.conv_kernels("torch", x.to(dtype))[0] is cpu_numba.conv_silu_forward
+    assert mixer_op.conv_kernels("torch", x.bfloat16())[0] is mixer_op.conv_silu
     monkeypatch.setattr(ss, "_load_cpu_scan", lambda: None)
-    assert mixer_op.conv_kernels("torch", x) == pytorch_pair
+    assert mixer_op.conv_kernels("torch", x)[0] is mixer_op.conv_silu
 
 
 @pytest.mark.parametrize("channel_minor", [False, True], ids=["channels-first", "channel-minor"])

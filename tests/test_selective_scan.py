@@ -205,12 +205,12 @@ def test_mixer_end_to_end_compiled_against_loop(monkeypatch):
 
     def compiled(backend, device):
         assert backend == "torch"
-        return (lambda *a: calls.append("fwd") or ssc.scan_forward(*a),
-                lambda *a: calls.append("bwd") or ssc.scan_backward(*a))
+        return ss._writing_into(lambda *a: calls.append("fwd") or ssc.scan_forward(*a),
+                                lambda *a: calls.append("bwd") or ssc.scan_backward(*a))
     monkeypatch.setattr(mixer_op, "scan_kernels", compiled)
     got = mixer(hidden)
     g_got = torch.autograd.grad(got.square().sum(), leaves)
-    monkeypatch.setattr(mixer_op, "scan_kernels", lambda backend, device: (
+    monkeypatch.setattr(mixer_op, "scan_kernels", lambda backend, device: ss._writing_into(
         loop.scan_forward, loop.scan_backward))
     want = mixer(hidden)
     g_want = torch.autograd.grad(want.square().sum(), leaves)

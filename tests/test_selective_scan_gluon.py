@@ -28,8 +28,8 @@ except ImportError:
     pytest.skip(f"Triton {triton.__version__} has no Gluon", allow_module_level=True)
 
 from helpers import (assert_no_regression, assert_static_targets, best_pair,  # noqa: E402
-                     check_against, check_decays_that_underflow, check_no_softplus,
-                     family_reports)
+                     check_against, check_decays_that_underflow, check_direction_average,
+                     check_direction_average_backward, check_no_softplus, family_reports)
 from selective_scan import kernel_scan, selective_scan_reference  # noqa: E402
 from selective_scan import gluon_kernels as ssg  # noqa: E402
 
@@ -137,6 +137,14 @@ class TestNumbers:
     @DIRECTIONS
     def test_decays_that_underflow(self, reverse):
         check_decays_that_underflow(gluon_scan, 1, 40, 16, 37, reverse, device=DEVICE)
+
+    @DTYPES
+    def test_directions_averaged_into_one_channel_minor_buffer(self, dtype, tol):
+        # 40 channels: a partial program, whose masked lanes must not write past E.
+        check_direction_average(ssg.scan_forward, 2, 40, 16, 21, dtype, tol, device=DEVICE)
+
+    def test_gradients_into_the_mixers_buffers(self):
+        check_direction_average_backward(ssg.scan_backward, 1, 40, 16, 11, device=DEVICE)
 
 
 @runs_here

@@ -31,7 +31,8 @@ if not HAS_CUDA:
 
 from helpers import (DEVICE, NAMES, TOOLS, assert_no_regression,  # noqa: E402
                      assert_static_targets, best_pair, check_against,
-                     check_decays_that_underflow, check_no_softplus, family_reports,
+                     check_decays_that_underflow, check_direction_average,
+                     check_direction_average_backward, check_no_softplus, family_reports,
                      make_scan_inputs, rel_err, run_kernel_stats)
 from selective_scan import get_scan, selective_scan_reference, selective_scan_torch  # noqa: E402
 from selective_scan import triton_kernels as sst  # noqa: E402
@@ -109,6 +110,55 @@ def test_half_inputs(dtype, reverse):
 def test_bf16_strided():
     check_against(selective_scan_triton, selective_scan_reference, 2, 8, 4, 30,
                   dtype=torch.bfloat16, tol=1e-2, reverse=True, strided=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)],
+                         ids=["fp32", "bf16"])
+def test_directions_averaged_into_one_channel_minor_buffer(dtype, tol):
+    check_direction_average(sst.scan_forward, 2, 12, 4, 21, dtype, tol)
+
+
+def test_gradients_into_the_mixers_buffers():
+    check_direction_average_backward(sst.scan_backward, 1, 12, 4, 10)
+
+
+def test_autotuning_keeps_what_outputs_add_to(monkeypatch):
+    """On a GPU the autotuner times candidates by running them on the caller's tensors, again
+    and again; outputs that are added to must be as the caller left them for the run that
+    counts. The interpreter's single candidate is never timed: two here, run once each."""
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    for tuner in (sst._scan_fwd_kernel, sst._scan_bwd_kernel):
+        monkeypatch.setattr(tuner, "configs", [triton.Config(
+            {"BLOCK_E": 8, "N_LANES": 4, "BLOCK_L": block_l}, num_warps=1)
+            for block_l in (8, 16)])
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    check_direction_average(sst.scan_forward, 1, 8, 4, 10, torch.float32, 1e-4)
+    check_direction_average_backward(sst.scan_backward, 1, 8, 4, 10)
+    # Each call was timed: the direction that adds has its own key.
+    assert len(sst._scan_fwd_kernel.cache) == len(sst._scan_bwd_kernel.cache) == 2
+
+
+def test_output_arguments_are_checked():
+    _, args = make_scan_inputs(1, 8, 4, 5)
+    inputs = [None if args[k] is None else args[k].detach() for k in NAMES]
+    dout = torch.zeros(1, 8, 5)
+    for call, message in [
+            (lambda: sst.scan_forward(*inputs, True, False, accumulate=True), "needs an out"),
+            (lambda: sst.scan_forward(*inputs, True, False, out=torch.zeros(1, 5, 8)),
+             "out: expected shape"),
+            (lambda: sst.scan_backward(*inputs[:6], None, inputs[7], dout, True, False,
+                                       dz=dout), "without z"),
+            (lambda: sst.scan_backward(*inputs, dout, True, False, dz_accumulate=True),
+             "needs a dz"),
+            (lambda: sst.scan_backward(*inputs, dout, True, False,
+                                       dB=torch.zeros(1, 4, 5, dtype=torch.float64)),
+             "dB: expected torch.float32")]:
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_mixer_through_the_triton_scan_matches_the_spec(monkeypatch):

@@ -214,6 +214,10 @@ tests tests_triton_gpu "$CAP_MODEL_TESTS" "tests/test_selective_scan_triton.py::
 # kernels under the interpreter, which cannot show a race between threads: this step can. The
 # whole model on it: MAMBAR_TRITON_GLUON=1 GPU_CHECKS_ONLY="bench_224" bash tools/gpu_checks.sh
 tests tests_gluon_gpu 180 tests/test_selective_scan_gluon.py
+# (a3) The fused conv1d + SiLU and add + RMSNorm kernels, compiled, and the whole GPU path (the
+# mixer's op on them and the scans) against the reference backend.
+tests tests_kernels_gpu 120 tests/test_triton_conv.py tests/test_fused_norm.py \
+    "tests/test_models.py::test_the_gpu_path_matches_the_reference"
 if [ "$DEVICE" = cuda ]; then
     step scan_triton "$CAP_SCAN_TRITON" "$BENCH_TXT" "$PY" tools/scan_bench.py \
         --backend triton gluon probe --json "$LOGS/scan_triton.json"

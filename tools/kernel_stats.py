@@ -5,6 +5,7 @@ an SM can hold, and SASS instruction counts per state element.
     python tools/kernel_stats.py                 # every candidate, both kernels, both families
     python tools/kernel_stats.py --kernel bwd --config 4,2,8,2 --json
     python tools/kernel_stats.py --family gluon  # gluon_kernels.py's kernels only
+    python tools/kernel_stats.py --call bidirectional --reverse both
 
 Two families of kernels: ``triton`` (selective_scan/triton_kernels.py, plain Triton) and
 ``gluon`` (selective_scan/gluon_kernels.py, Triton's Gluon dialect; left out, with a note, where
@@ -15,7 +16,11 @@ Uses the ptxas and cuobjdump that ship inside the Triton wheel (sm_90a). Each ke
 specialised as Triton specialises it at run time for the call Mamba®-Base makes at 224 px
 (E 1536, N 16, L 208, batch 128, bf16, strides as the model's views have them): integer
 arguments equal to 1 become constants, those divisible by 16 are marked so, and pointers
-are 16-byte aligned. "per element" is the kernel's static instruction count (alignment NOPs
+are 16-byte aligned. ``--call bidirectional`` compiles them for the call of a bidirectional
+mixer op instead: outputs written where the next GEMMs read them (channel-minor views of
+(B, L, E) buffers, dz in a (B, L, 2E) one, dB and dC column slices of an fp32 (B, L, R + 2N)
+one), the direction average's 1/2 as a scale, the reverse direction adding to what the
+forward one wrote. "per element" is the kernel's static instruction count (alignment NOPs
 left out) divided by the state elements one thread handles per chunk (BLOCK_L x states per
 thread x channels per thread): the per-chunk loop bodies dominate the kernel, so it
 approximates the instructions issued per state element and token. The last line sums the
@@ -76,20 +81,46 @@ def warps_per_sm(registers: int, shared: int, num_warps: int) -> int:
     return programs * num_warps
 
 
-def _model_call() -> dict:
+def _model_call(call: str = "model") -> dict:
     """The integer arguments of both kernels in the model's call, by name (strides in
     elements): u, delta and the gradients are (B, E, L) contiguous; B and C are row slices
     of the (B, R + 2N, L) projection; z and dout are channel-minor views of (B, L, 2E) and
-    (B, L, E) tensors; A is (E, N)."""
+    (B, L, E) tensors; A is (E, N). In the ``bidirectional`` call the outputs are where the
+    mixer's GEMMs read them: out, du and ddelta channel-minor views of (B, L, E) buffers,
+    dz of a (B, L, 2E) one, dB and dC of an fp32 (B, L, R + 2N) one."""
+    contiguous = dict(b=E * L, e=L, l=1)
+    outputs = {"model": dict(out=contiguous, du=contiguous, ddt=contiguous, dz=contiguous,
+                             dB=dict(b=N * L, n=L, l=1), dC=dict(b=N * L, n=L, l=1)),
+               "bidirectional": dict(out=dict(b=L * E, e=1, l=E), du=dict(b=L * E, e=1, l=E),
+                                     ddt=dict(b=L * E, e=1, l=E),
+                                     dz=dict(b=L * 2 * E, e=1, l=2 * E),
+                                     dB=dict(b=L * (R + 2 * N), n=1, l=R + 2 * N),
+                                     dC=dict(b=L * (R + 2 * N), n=1, l=R + 2 * N))}[call]
     return dict(E=E, N=N, L=L,
                 s_u_b=E * L, s_u_e=L, s_u_l=1, s_dt_b=E * L, s_dt_e=L, s_dt_l=1,
                 s_A_e=N, s_A_n=1, s_B_b=(R + 2 * N) * L, s_B_n=L, s_B_l=1,
                 s_C_b=(R + 2 * N) * L, s_C_n=L, s_C_l=1, s_z_b=L * 2 * E, s_z_e=1, s_z_l=2 * E,
-                s_do_b=L * E, s_do_e=1, s_do_l=E)
+                s_do_b=L * E, s_do_e=1, s_do_l=E,
+                **{f"s_{name}_{axis}": stride for name, strides in outputs.items()
+                   for axis, stride in strides.items()})
 
 
+CALLS = ("model", "bidirectional")
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
              BLOCK_N=triton.next_power_of_2(N))
+
+
+def _call_flags(call: str, reverse: bool) -> dict:
+    """The call's constexpr flags: the model's outputs are new contiguous tensors; the
+    bidirectional op's are not, it scales by 1/2 and its reverse direction adds to what the
+    forward one wrote."""
+    adds = call == "bidirectional" and reverse
+    dense = call == "model"
+    return dict(FLAGS, REVERSE=reverse, HAS_SCALE=not dense, ACCUMULATE=adds,
+                DZ_ACCUMULATE=adds, DENSE_OUT=dense, DENSE_GRADS=dense)
+
+
+SCALES = {"out_scale", "dout_scale"}
 BF16 = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "B_ptr", "C_ptr", "dout_ptr", "du_ptr",
         "ddelta_ptr", "dz_ptr"}
 KERNELS = {"triton": {"fwd": sst._scan_fwd_kernel, "bwd": sst._scan_bwd_kernel}}
@@ -116,13 +147,14 @@ def _number(pattern: str, text: str, what: str) -> int:
     return int(found.group(1))
 
 
-def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "triton") -> dict:
+def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "triton",
+                  call: str = "model") -> dict:
     """Registers, spills and SASS opcode counts of one kernel for one config."""
     jit = tuner.fn
     gluon = family == "gluon"
     module = ssg if gluon else sst
-    consts = dict(FLAGS, REVERSE=reverse, **config.kwargs)
-    ints = dict(_model_call(), s_ckpt_e=module._boundary_slots(L) * FLAGS["BLOCK_N"])
+    consts = dict(_call_flags(call, reverse), **config.kwargs)
+    ints = dict(_model_call(call), s_ckpt_e=module._boundary_slots(L) * FLAGS["BLOCK_N"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in consts or ints.get(name) == 1:
@@ -131,6 +163,8 @@ def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "tr
         elif name.endswith("_ptr"):
             signature[name] = "*bf16" if name in BF16 else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in SCALES:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if ints[name] % 16 == 0:
@@ -160,8 +194,8 @@ def compile_stats(tuner, config: triton.Config, reverse: bool, family: str = "tr
     elements = kw["BLOCK_L"] * (FLAGS["BLOCK_N"] / lanes) * channels_per_thread
     registers = _number(r"Used (\d+) registers", log, "register count")
     shared = kernel.metadata.shared
-    return dict(kernel=jit.__name__, family=family, N_LANES=kw["N_LANES"], num_warps=warps,
-                BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
+    return dict(kernel=jit.__name__, family=family, call=call, N_LANES=kw["N_LANES"],
+                num_warps=warps, BLOCK_L=kw["BLOCK_L"], channels_per_thread=channels_per_thread,
                 BLOCK_E=kw["BLOCK_E"], reverse=reverse, elements=elements,
                 registers=registers, shared=shared,
                 warps_per_sm=warps_per_sm(registers, shared, warps),
@@ -191,11 +225,11 @@ def best_pair(reports: list, family: str = None) -> dict:
 
 
 def _job(job: tuple) -> tuple:
-    """compile_stats for (family, kernel name, config, reverse) in a worker process: the
-    report, or the error that stopped it."""
-    family, name, config, reverse = job
+    """compile_stats for (family, kernel name, config, reverse, call) in a worker process:
+    the report, or the error that stopped it."""
+    family, name, config, reverse, call = job
     try:
-        return compile_stats(KERNELS[family][name], config, reverse, family), None
+        return compile_stats(KERNELS[family][name], config, reverse, family, call), None
     except StatsError as err:
         return None, str(err)
 
@@ -225,6 +259,9 @@ def main() -> int:
                              "state lanes, warps, BLOCK_L, channels per thread (repeatable)")
     parser.add_argument("--reverse", choices=("no", "yes", "both"), default="no",
                         help="scan direction(s) to compile (default: forward only)")
+    parser.add_argument("--call", choices=CALLS, default="model",
+                        help="the model's call (default), or a bidirectional mixer op's: "
+                             "outputs channel-minor, scaled, added to in reverse")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compiles at once (default: one per core)")
@@ -253,19 +290,19 @@ def main() -> int:
         families = ("triton",)
     directions = {"no": (False,), "yes": (True,), "both": (False, True)}[args.reverse]
     if not args.json:
-        print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px; "
+        print(f"Triton {triton.__version__}, sm_90a, Mamba-B at 224 px, {args.call} call; "
               f"config = state lanes, warps, BLOCK_L, channels per thread (as --config takes)")
         print(f"{'kernel':<7}{'config':<12}{'rev':<5}{'regs':>5}{'spill':>10}{'smem KB':>8}"
               f"{'warps/SM':>9}{'instr':>7}"
               f"{'/elem':>7}{'MUFU/e':>7}  " + " ".join(f"{op:>5}" for op in SHOWN_OPS))
-    jobs = [(family, name, config, reverse) for family in families for name in names
+    jobs = [(family, name, config, reverse, args.call) for family in families for name in names
             for config in args.config or KERNELS[family][name].configs
             for reverse in directions]
     reports = []
     # One compile per core (ptxas and Triton's passes are single-threaded), printed in order.
     with concurrent.futures.ProcessPoolExecutor(min(len(jobs), args.jobs),
                                                 mp_context=mp.get_context("fork")) as pool:
-        for (family, name, config, reverse), (s, error) in zip(jobs, pool.map(_job, jobs)):
+        for (family, name, config, reverse, _), (s, error) in zip(jobs, pool.map(_job, jobs)):
             if error:
                 print(f"error: {family} {name} {config}: {error}", file=sys.stderr)
                 return 1
