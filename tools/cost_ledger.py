@@ -245,7 +245,7 @@ def _scan_backward(a: Dict[str, Any]) -> None:
 
 
 @triton_rule("_conv_silu_fwd_kernel")
-def _conv_forward(a: Dict[str, Any]) -> None:
+def _triton_conv_forward(a: Dict[str, Any]) -> None:
     # The K-1 halo tokens a tile re-reads come from L1/L2: x is read from HBM once.
     book_kernel("triton conv1d+SiLU forward", kind="conv",
                 reads=[a["x_ptr"], a["w_ptr"], a["b_ptr"] if a["HAS_BIAS"] else None],
@@ -253,7 +253,7 @@ def _conv_forward(a: Dict[str, Any]) -> None:
 
 
 @triton_rule("_conv_silu_bwd_kernel")
-def _conv_backward(a: Dict[str, Any]) -> None:
+def _triton_conv_backward(a: Dict[str, Any]) -> None:
     # x, du and (accumulating) dx once each; dW and db are atomic adds that meet in L2.
     book_kernel("triton conv1d+SiLU backward", kind="conv",
                 reads=[a["x_ptr"], a["du_ptr"], a["w_ptr"],
@@ -263,7 +263,7 @@ def _conv_backward(a: Dict[str, Any]) -> None:
 
 
 @triton_rule("_add_rms_norm_fwd_kernel")
-def _norm_forward(a: Dict[str, Any]) -> None:
+def _triton_norm_forward(a: Dict[str, Any]) -> None:
     book_kernel("triton add+RMSNorm forward", kind="norm",
                 reads=[a["hidden_ptr"], a["residual_ptr"] if a["HAS_RESIDUAL"] else None,
                        a["weight_ptr"]],
@@ -271,7 +271,7 @@ def _norm_forward(a: Dict[str, Any]) -> None:
 
 
 @triton_rule("_add_rms_norm_bwd_kernel")
-def _norm_backward(a: Dict[str, Any]) -> None:
+def _triton_norm_backward(a: Dict[str, Any]) -> None:
     book_kernel("triton add+RMSNorm backward", kind="norm",
                 reads=[a["d_normed_ptr"], a["d_new_ptr"] if a["HAS_D_NEW"] else None,
                        a["new_residual_ptr"], a["rstd_ptr"], a["weight_ptr"]],
