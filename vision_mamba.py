@@ -147,17 +147,33 @@ class BiMambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, L, D)."""
         backend = resolve_backend(self.scan_backend, hidden.device)
-        xz = self.in_proj(hidden)                            # (B, L, 2E)
-        if backend != "reference":
-            return self.out_proj(bimamba(xz, *self._direction(False), *self._direction(True),
-                                         backend))
-        x, z = xz.transpose(1, 2).chunk(2, dim=1)            # (B, E, L) views
-        out_f = self._scan_direction(x, z, backend, reverse=False)
-        out_b = self._scan_direction(x, z, backend, reverse=True)
-        return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
+        if backend == "reference":
+            xz = self.in_proj(hidden)                        # (B, L, 2E)
+            x, z = xz.transpose(1, 2).chunk(2, dim=1)        # (B, E, L) views
+            out_f = self._scan_direction(x, z, backend, reverse=False)
+            out_b = self._scan_direction(x, z, backend, reverse=True)
+            return self.out_proj(((out_f + out_b) / 2).transpose(1, 2))
+        # The GEMM weights in the compute dtype (under autocast), both dt_proj weights
+        # stacked and A of both directions, each set by one multi-tensor kernel each way,
+        # where autocast and autograd would launch one per tensor.
+        dtype = _compute_dtype(hidden)
+        weights = (self.in_proj.weight, self.out_proj.weight, self.x_proj.weight,
+                   self.x_proj_b.weight)
+        to_cast = weights if any(w.dtype != dtype for w in weights) else ()
+        *cast, dt_w, a, a_b = MixerWeights.apply(
+            dtype, len(to_cast), *to_cast, self.dt_proj.weight, self.dt_proj_b.weight,
+            self.A_log, self.A_b_log)
+        in_w, out_w, x_w, x_w_b = cast or weights
+        out, _ = bimamba(
+            F.linear(hidden, in_w), dt_w,
+            self.conv1d.weight, self.conv1d.bias, x_w, self.dt_proj.bias, a, self.D,
+            self.conv1d_b.weight, self.conv1d_b.bias, x_w_b, self.dt_proj_b.bias, a_b,
+            self.D_b, backend)
+        return F.linear(out, out_w)
 
     def _direction(self, reverse: bool) -> Tuple[torch.Tensor, ...]:
-        """One direction's parameters, in ``mixer_op.DIRECTION_PARAMS``' order."""
+        """One direction's parameters: conv weight and bias, x_proj and dt_proj weights,
+        dt_proj bias, A_log, D."""
         if reverse:
             return (self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
                     self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)
@@ -175,6 +191,43 @@ class BiMambaMixer(nn.Module):
         delta = channel_matmul(dt_proj_weight, dt)              # (B, E, L); bias: in the scan
         return get_scan(backend)(u, delta, -torch.exp(a_log.float()), b_ssm, c_ssm, d.float(),
                                  z, dt_proj_bias.float(), delta_softplus=True, reverse=reverse)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the mixer's GEMMs run in: autocast's where it is on for x's device, else x's."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(
+            x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class MixerWeights(torch.autograd.Function):
+    """The mixer's parameters as its op takes them, each group by one ``torch._foreach_*``
+    kernel: ``n_cast`` weights cast to ``dtype``; the two dt_proj weights that follow
+    stacked into one (2, E, R) in ``dtype``; A = -exp(A_log) in fp32 for the last two. The
+    backward brings the gradients back to their parameters' dtypes by one more kernel and
+    forms dA_log = dA * A by another."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, n_cast: int, *tensors: torch.Tensor):
+        weights, dt_weights, a_logs = tensors[:n_cast], tensors[n_cast:-2], tensors[-2:]
+        ctx.dtypes = [t.dtype for t in tensors]
+        cast = [torch.empty_like(w, dtype=dtype) for w in weights]
+        stacked = dt_weights[0].new_empty((2, *dt_weights[0].shape), dtype=dtype)
+        torch._foreach_copy_([*cast, *stacked], [*weights, *dt_weights])
+        a = torch._foreach_exp([a.float() for a in a_logs])
+        torch._foreach_neg_(a)
+        ctx.save_for_backward(*a)
+        return (*cast, stacked, *a)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        dcast, dstacked, da = grads[:-3], grads[-3], grads[-2:]
+        sources = [*dcast, *dstacked]
+        dweights = [torch.empty_like(g, dtype=t) for g, t in zip(sources, ctx.dtypes)]
+        torch._foreach_copy_(dweights, sources)
+        da_logs = torch._foreach_mul(list(da), list(ctx.saved_tensors))
+        return (None, None, *dweights, *(g.to(t) for g, t in zip(da_logs, ctx.dtypes[-2:])))
 
 
 class Block(nn.Module):

@@ -154,14 +154,16 @@ def _writing_into(forward: Callable, backward: Callable) -> Tuple[Callable, Call
 
     def backward_into(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
                       dout_scale=1.0, du=None, ddelta=None, dz=None, dz_accumulate=False,
-                      dB=None, dC=None):
+                      dB=None, dC=None, dA=None, dD=None, ddelta_bias=None):
         if dout_scale != 1:
             dout = dout * dout_scale
-        grad_u, grad_delta, dA, grad_B, grad_C, dD, grad_z, dbias = backward(
+        grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_bias = backward(
             u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse)
-        return (put(grad_u, du), put(grad_delta, ddelta), dA,
-                put(grad_B, dB, accumulate=True), put(grad_C, dC, accumulate=True), dD,
-                None if grad_z is None else put(grad_z, dz, accumulate=dz_accumulate), dbias)
+        return (put(grad_u, du), put(grad_delta, ddelta), put(grad_A, dA, accumulate=True),
+                put(grad_B, dB, accumulate=True), put(grad_C, dC, accumulate=True),
+                None if grad_D is None else put(grad_D, dD, accumulate=True),
+                None if grad_z is None else put(grad_z, dz, accumulate=dz_accumulate),
+                None if grad_bias is None else put(grad_bias, ddelta_bias, accumulate=True))
 
     return forward_into, backward_into
 
@@ -303,9 +305,10 @@ def scan_kernels(backend: str, device: torch.device) -> Tuple[Callable, Callable
     ``forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, out=None,
     out_scale=1.0, accumulate=False) -> out`` and ``backward(<the same inputs>, dout,
     delta_softplus, reverse, dout_scale=1.0, du=None, ddelta=None, dz=None,
-    dz_accumulate=False, dB=None, dC=None) -> (du, ddelta, dA, dB, dC, dD, dz, d delta_bias)``,
-    None for an absent input. Outputs go into the tensors given (scaled, or added with the
-    accumulate flags; dB and dC are always added into); the ones not given are allocated.
+    dz_accumulate=False, dB=None, dC=None, dA=None, dD=None, ddelta_bias=None) -> (du, ddelta,
+    dA, dB, dC, dD, dz, d delta_bias)``, None for an absent input. Outputs go into the tensors
+    given (scaled, or added with the accumulate flags; dA, dB, dC, dD and d delta_bias, fp32,
+    are always added into); the ones not given are allocated.
     The backward needs only the inputs: custom ops (``mixer_op.py``) call these, and autograd
     does not run inside an op."""
     if backend == "torch":

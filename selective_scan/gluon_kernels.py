@@ -556,7 +556,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, o
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
                   dout_scale: float = 1.0, du=None, ddelta=None, dz=None,
-                  dz_accumulate: bool = False, dB=None, dC=None):
+                  dz_accumulate: bool = False, dB=None, dC=None, dA=None, dD=None,
+                  ddelta_bias=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
     None for an absent optional input. The kernel first stores the state at each chunk
     boundary into a scratch buffer that lives for this call only. The optional arguments are
@@ -564,4 +565,4 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     return launch_backward(_scan_bwd, _channels_per_program, _block_n(A.shape[1]),
                            _boundary_slots(u.shape[2]), u, delta, A, B, C, D, z, delta_bias,
                            dout, delta_softplus, reverse, dout_scale, du, ddelta, dz,
-                           dz_accumulate, dB, dC)
+                           dz_accumulate, dB, dC, dA, dD, ddelta_bias)

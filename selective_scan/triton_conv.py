@@ -253,13 +253,17 @@ def conv_silu_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                        bias: Optional[torch.Tensor], reverse: bool = False,
-                       dx: Optional[torch.Tensor] = None, accumulate: bool = False
+                       dx: Optional[torch.Tensor] = None, accumulate: bool = False,
+                       dweight: Optional[torch.Tensor] = None,
+                       dbias: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of ``conv_silu_forward`` from du (any strides): (dx, dweight (E, 1, K),
     dbias (E,) or None when bias is None). The pre-activation is recomputed from x. dx goes
     into ``dx`` through its strides when given (e.g. a slice of a larger gradient buffer),
     added to what it holds with ``accumulate``, else into a new tensor in x's layout and
-    dtype; dW and db come back in weight's and bias's dtypes, summed in fp32."""
+    dtype; dW and db come back in weight's and bias's dtypes, summed in fp32. ``dweight``
+    (E, 1, K) and ``dbias`` (E,): contiguous fp32 tensors the kernel adds them to instead (the
+    caller zeroes them), returned as given."""
     K = _check(x, weight, bias)
     _check_io("x", x, x)
     _check_io("du", du, x)
@@ -271,8 +275,8 @@ def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     B, E, L = x.shape
     # fp32 accumulators for the kernel's atomics; db always gets a real buffer so the
     # autotuner's reset_to_zero never touches a stand-in pointer.
-    dw = torch.zeros((E, K), dtype=torch.float32, device=x.device)
-    db = torch.zeros((E,), dtype=torch.float32, device=x.device)
+    dw = _accumulator("dweight", dweight, (E, 1, K), x.device)
+    db = _accumulator("dbias", dbias, (E,), x.device)
     if B > 0 and E > 0 and L > 0:
         grid = lambda meta: (triton.cdiv(E, meta["BLOCK_E"]),  # noqa: E731
                              triton.cdiv(L, meta["BLOCK_L"] * meta["TILES"]), B)
@@ -282,6 +286,22 @@ def conv_silu_backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None,
             REVERSE=bool(reverse), ACCUMULATE=bool(accumulate),
         )
-    dweight = dw.view(E, 1, K).to(weight.dtype)
-    dbias = None if bias is None else db.to(bias.dtype)
+    if dweight is None:
+        dweight = dw.to(weight.dtype)
+    if bias is None:
+        dbias = None
+    elif dbias is None:
+        dbias = db.to(bias.dtype)
     return dx, dweight, dbias
+
+
+def _accumulator(name: str, given: Optional[torch.Tensor], shape: Tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+    """A given fp32 accumulator once checked, else a new zeroed one."""
+    if given is None:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    if (tuple(given.shape) != shape or given.dtype != torch.float32
+            or given.device != device or not given.is_contiguous()):
+        raise ValueError(f"{name}: expected a contiguous float32 {shape} on {device}, got "
+                         f"{given.dtype} {tuple(given.shape)} on {given.device}")
+    return given

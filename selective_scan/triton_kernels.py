@@ -550,7 +550,8 @@ def launch_forward(kernel, channels_per_program, block_n, u, delta, A, B, C, D, 
 
 def launch_backward(kernel, channels_per_program, block_n, slots, u, delta, A, B, C, D, z,
                     delta_bias, dout, delta_softplus, reverse, dout_scale=1.0, du=None,
-                    ddelta=None, dz=None, dz_accumulate=False, dB=None, dC=None):
+                    ddelta=None, dz=None, dz_accumulate=False, dB=None, dC=None, dA=None,
+                    dD=None, ddelta_bias=None):
     """Run a backward scan kernel with this module's arguments, ``slots`` boundary states per
     channel in its scratch. Returns (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), None for
     an absent optional input, the given output tensors as given (see ``scan_backward``);
@@ -575,14 +576,18 @@ def launch_backward(kernel, channels_per_program, block_n, slots, u, delta, A, B
     dz_out = None if z is None else _output("dz", dz, shape, z.dtype, dev)
     dB_out = _output("dB", dB, (batch, N, L), f32, dev, accumulator=True)
     dC_out = _output("dC", dC, (batch, N, L), f32, dev, accumulator=True)
-    dA = torch.zeros((E, N), dtype=f32, device=dev)
-    dD = torch.zeros((E,), dtype=f32, device=dev)
-    dbias = torch.zeros((E,), dtype=f32, device=dev)
+    dA_out = _output("dA", dA, (E, N), f32, dev, accumulator=True)
+    dD_out = _output("dD", dD, (E,), f32, dev, accumulator=True)
+    dbias = _output("ddelta_bias", ddelta_bias, (E,), f32, dev, accumulator=True)
+    if not all(t.is_contiguous() for t in (dA_out, dD_out, dbias)):
+        raise ValueError("dA, dD and ddelta_bias must be contiguous (the kernel indexes them "
+                         "densely)")
     grid = lambda meta: (triton.cdiv(E, channels_per_program(meta)), batch)  # noqa: E731
     kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z,
         u if delta_bias is None else delta_bias, dt, ckpt, dout,
-        du_out, ddelta_out, dA, dB_out, dC_out, dD, du_out if dz_out is None else dz_out, dbias,
+        du_out, ddelta_out, dA_out, dB_out, dC_out, dD_out, du_out if dz_out is None else dz_out,
+        dbias,
         E, N, L, ckpt.stride(1), float(dout_scale),
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides3(z),
         *dout.stride(), *du_out.stride(), *ddelta_out.stride(), *_strides3(dz_out),
@@ -593,11 +598,12 @@ def launch_backward(kernel, channels_per_program, block_n, slots, u, delta, A, B
         DENSE_GRADS=all(_dense(t) for t in (du_out, ddelta_out, dz_out, dB_out, dC_out)
                         if t is not None),
     )
-    return (du_out, ddelta_out, dA.to(A.dtype),
+    return (du_out, ddelta_out, dA_out if dA is not None else dA_out.to(A.dtype),
             dB_out if dB is not None else dB_out.to(B.dtype),
             dC_out if dC is not None else dC_out.to(C.dtype),
-            None if D is None else dD.to(D.dtype), dz_out,
-            None if delta_bias is None else dbias.to(delta_bias.dtype))
+            None if D is None else dD_out if dD is not None else dD_out.to(D.dtype), dz_out,
+            None if delta_bias is None else
+            dbias if ddelta_bias is not None else dbias.to(delta_bias.dtype))
 
 
 def _channels_per_program(meta) -> int:
@@ -620,7 +626,8 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, o
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
                   dout_scale: float = 1.0, du=None, ddelta=None, dz=None,
-                  dz_accumulate: bool = False, dB=None, dC=None):
+                  dz_accumulate: bool = False, dB=None, dC=None, dA=None, dD=None,
+                  ddelta_bias=None):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the inputs and dout;
     None for an absent optional input. The kernel first recomputes delta and the state at
     each chunk boundary into scratch buffers that live for this call only.
@@ -631,8 +638,12 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, rev
     delta's, z's dtype, du and ddelta in the layout of u and delta where those are dense
     (``torch.empty_like``), dz contiguous. ``dB``, ``dC``: fp32 (B, N, L) tensors of any strides
     that the kernel adds its gradients to (the caller zeroes or fills them), returned as
-    given; None: new ones, returned in B's and C's dtype."""
+    given; None: new ones, returned in B's and C's dtype. ``dA`` (E, N), ``dD`` and
+    ``ddelta_bias`` (E,): contiguous fp32 tensors the kernel adds to likewise, which the
+    caller zeroes (the autotuner zeroes them between its trials), so that a caller can zero
+    all of its buffers at once."""
     return launch_backward(_scan_bwd_kernel, _channels_per_program,
                            triton.next_power_of_2(A.shape[1]), _boundary_slots(u.shape[2]),
                            u, delta, A, B, C, D, z, delta_bias, dout, delta_softplus, reverse,
-                           dout_scale, du, ddelta, dz, dz_accumulate, dB, dC)
+                           dout_scale, du, ddelta, dz, dz_accumulate, dB, dC, dA, dD,
+                           ddelta_bias)

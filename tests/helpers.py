@@ -254,7 +254,8 @@ def check_direction_average_backward(backward, batch, E, N, L, rank=3, device=DE
     go to channel-minor views; dz of both directions to the z half of one (B, L, 2E)
     buffer (the forward direction writes it, the reverse adds), whose x half stays NaN;
     dB and dC are added to their column slices of each direction's fp32 (B, L, R + 2N)
-    buffer, filled beforehand with known values (and its R columns left alone). Every
+    buffer, filled beforehand with known values (and its R columns left alone); the reverse
+    direction's dA, dD and d delta_bias go into zeroed fp32 tensors given for them. Every
     gradient against autograd through the oracle."""
     (fwd_leaves, fwd), (rev_leaves, rev), inputs = _two_directions(batch, E, N, L, device)
     g = torch.Generator().manual_seed(2)
@@ -275,12 +276,17 @@ def check_direction_average_backward(backward, batch, E, N, L, rank=3, device=DE
         ddelta = torch.full((batch, L, E), nan, device=device).transpose(1, 2)
         dB = dx_dbl[:, :, rank:rank + N].transpose(1, 2)
         dC = dx_dbl[:, :, rank + N:].transpose(1, 2)
+        given = {} if name == "fwd" else dict(
+            dA=torch.zeros(E, N, device=device), dD=torch.zeros(E, device=device),
+            ddelta_bias=torch.zeros(E, device=device))
         with torch.no_grad():
             grads = backward(*(inputs[i][k] for k in NAMES), dout, True, name == "rev",
                              dout_scale=0.5, du=du, ddelta=ddelta, dz=dz,
-                             dz_accumulate=name == "rev", dB=dB, dC=dC)
+                             dz_accumulate=name == "rev", dB=dB, dC=dC, **given)
         assert [grads[j] is t for j, t in ((0, du), (1, ddelta), (3, dB), (4, dC), (6, dz))
                 ] == [True] * 5, name
+        assert [grads[j] is given[k] for j, k in ((2, "dA"), (5, "dD"), (7, "ddelta_bias"))
+                if given] == [True] * len(given), name
         got = dict(u=du, delta=ddelta, A=grads[2], D=grads[5], delta_bias=grads[7],
                    B=dB - filled[:, :, rank:rank + N].transpose(1, 2),
                    C=dC - filled[:, :, rank + N:].transpose(1, 2))

@@ -26,9 +26,10 @@ def _rows(ledger: cost_ledger.Ledger, phase: str) -> List[Row]:
             for r in ledger.records if r.phase == phase]
 
 
-def _booked(step: Callable[[], None]) -> cost_ledger.Ledger:
-    """What ``step`` books, run on fake CUDA tensors."""
+def _booked(step: Callable[[], None], phase: str = "") -> cost_ledger.Ledger:
+    """What ``step`` books, run on fake CUDA tensors, in the given phase of a step."""
     ledger = cost_ledger.Ledger()
+    ledger.phase = phase
     with FakeTensorMode(), cost_ledger.recording(ledger):
         step()
     return ledger
@@ -70,63 +71,59 @@ T, CP, EW, G, CV, NM, FL, RD, S = ("transposing copy", "copy/cast", "elementwise
                                    "conv", "norm", "fill", "reduction", "scan")
 
 
-# mixer_op._direction_forward up to the scan, either direction (the backward redoes it): the
-# Triton conv reads x in place (a channel-minor view of xz) and writes u channel-minor, the
-# reverse direction by its taps' addresses (no flipped weight); then the projections, each one
-# GEMM over the B*L tokens on views, and A = -exp(A_log).
-RECOMPUTE = [
-    ("triton conv1d+SiLU forward", CV, 1, BEL + WC + VEC, BEL, 0, 0),   # x, w, bias -> u
-    ("mm", G, 1, BEL + W_X, XDBL, F_XPROJ, 0),          # x_proj: (B*L, E) u
-    ("mm", G, 1, DT + W_DT, BEL, F_DTPROJ, 0),          # dt_proj: dt's rows, stride P
-    ("exp", EW, 1, A, A, 0, 0), ("neg", EW, 1, A, A, 0, 0)]
+# Both directions' convs: the Triton conv reads x in place (a channel-minor view of xz) and
+# writes u channel-minor, the reverse direction by its taps' addresses (no flipped weight).
+CONVS = [("triton conv1d+SiLU forward", CV, 1, BEL + WC + VEC, BEL, 0, 0)] * 2
+# Both directions' delta by one batched GEMM: their dt, (B*L, R) slices of x_proj's outputs,
+# times the stacked dt_proj weights (2, E, R).
+DELTA = [("bmm", G, 1, 2 * DT + 2 * W_DT, 2 * BEL, 2 * F_DTPROJ, 0)]
 
 
-def _direction_forward(reverse: bool) -> List[Row]:
-    # The scan reads u, delta, A, B, C, D, z, the dt_proj bias and writes ½ y into the op's
-    # (B, L, E) output; the reverse direction adds its ½ y there: it reads the output too.
-    return RECOMPUTE + [
-        ("triton scan forward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + (BEL if reverse else 0),
-         BEL, 0, 0)]
+def _scan_forward(reverse: bool) -> Row:
+    # Reads u, delta, A, B, C, D, z, the dt_proj bias and writes ½ y into the op's (B, L, E)
+    # output; the reverse direction adds its ½ y there: it reads the output too.
+    return ("triton scan forward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + (BEL if reverse else 0),
+            BEL, 0, 0)
 
 
 FORWARD = [
     # fused_norm: residual + hidden and the norm in one kernel; writes normed, the fp32
     # new residual and rstd
     ("triton add+RMSNorm forward", NM, 1, 2 * BLD + WN, 2 * BLD + RSTD, 0, 0),
+    # MixerWeights, in fp32 (nothing to cast): both dt_proj weights copied into one stacked
+    # tensor, A = -exp(A_log) for both directions, one multi-tensor kernel each
+    ("_foreach_copy_", CP, 1, 2 * W_DT, 2 * W_DT, 0, 0),
+    ("_foreach_exp", EW, 1, 2 * A, 2 * A, 0, 0), ("_foreach_neg_", EW, 1, 2 * A, 2 * A, 0, 0),
     ("mm", G, 1, BLD + W_IN, XZ, F_IN, 0),                        # in_proj
-    *_direction_forward(False), *_direction_forward(True),      # mambar::bimamba's loop
+    # mambar::bimamba: the convs, x_proj per direction (one GEMM over the B*L tokens of u,
+    # into its half of the (2, B, L, P) output the op keeps), delta, the scans
+    *CONVS, *[("mm", G, 1, BEL + W_X, XDBL, F_XPROJ, 0)] * 2, *DELTA,
+    _scan_forward(False), _scan_forward(True),
     ("mm", G, 1, BEL + W_OUT, BLD, F_OUT, 0),                     # out_proj, on the op's output
     ("sum", RD, 1, BLD, 4, 0, 0),                                 # the loss
 ]
 
 
-def _direction_backward(reverse: bool) -> List[Row]:
-    # mixer_op._direction_backward's body. The reverse direction (second) adds its dx and dz
-    # into dxz's halves, which the forward direction wrote: both kernels read them first.
+def _scan_backward(reverse: bool) -> Row:
+    # Reads u, delta, A, B, C, D, z, bias, dout (the op's dout, transposed view), then u and
+    # B again (boundary pass); writes du, ddelta, dA, dB, dC, dD, dz, dbias; scratch:
+    # softplus(delta) fp32 (written once, read twice) and the boundary states (written and
+    # read once). The reverse direction adds its dz into dxz's z half: it reads it first.
     accumulated = BEL if reverse else 0
-    return RECOMPUTE + [
-        # dx_dbl, d(dt, B, C) as a zeroed fp32 (B, L, P): the scan adds dB and dC into it
-        ("new_zeros", FL, 1, 0, XDBL, 0, 0),
-        # launch_backward zeroes dA, dD, dbias for the kernel's atomics
-        ("zeros", FL, 1, 0, A, 0, 0), ("zeros", FL, 1, 0, VEC, 0, 0),
-        ("zeros", FL, 1, 0, VEC, 0, 0),
-        # reads u, delta, A, B, C, D, z, bias, dout (the op's dout, transposed view), then u and
-        # B again (boundary pass); writes du, ddelta, dA, dB, dC, dD, dz, dbias; scratch:
-        # softplus(delta) fp32 (written once, read twice) and the boundary states (written and
-        # read once).
-        ("triton scan backward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + BEL + BN
-         + accumulated + 2 * BEL + CKPT, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + CKPT, 0,
-         3 * BEL + 2 * CKPT),
-        ("mm", G, 1, BEL + DT, W_DT, F_DTPROJ, 0),         # dW_dt = ddelta^T dt over tokens
-        ("mm", G, 1, BEL + W_DT, DT, F_DTPROJ, 0),         # d dt = ddelta W_dt ...
-        ("copy_", CP, 1, DT, DT, 0, 0),                    # ... copied into dx_dbl's R columns
-        ("mm", G, 1, XDBL + BEL, W_X, F_XPROJ, 0),         # dW_x = dx_dbl^T u
-        ("addmm_", G, 1, BEL + XDBL + W_X, BEL, F_XPROJ, 0),   # du += dx_dbl W_x: reads du
-        ("zeros", FL, 1, 0, WC, 0, 0), ("zeros", FL, 1, 0, VEC, 0, 0),   # conv dW, db (fp32)
-        # reads x, du, w, bias; writes dx into dxz's x half, dW and db (atomics)
-        ("triton conv1d+SiLU backward", CV, 1, 2 * BEL + WC + VEC + accumulated,
-         BEL + WC + VEC, 0, 0),
-        ("mul", EW, 1, 2 * A, A, 0, 0)]                    # dA_log = dA * A
+    return ("triton scan backward", S, 1, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + BEL + BN
+            + accumulated + 2 * BEL + CKPT, 3 * BEL + A + 2 * BN + 2 * VEC + BEL + CKPT, 0,
+            3 * BEL + 2 * CKPT)
+
+
+def _x_proj_and_conv_backward(reverse: bool) -> List[Row]:
+    # Per direction: dW_x = dx_dbl^T u over the tokens; du += dx_dbl W_x in place (reads
+    # du); the conv backward reads x, du, w, bias, writes dx into dxz's x half (the reverse
+    # direction adds: reads it), dW and db (atomics into the zeroed buffers).
+    accumulated = BEL if reverse else 0
+    return [("mm", G, 1, XDBL + BEL, W_X, F_XPROJ, 0),
+            ("addmm_", G, 1, BEL + XDBL + W_X, BEL, F_XPROJ, 0),
+            ("triton conv1d+SiLU backward", CV, 1, 2 * BEL + WC + VEC + accumulated,
+             BEL + WC + VEC, 0, 0)]
 
 
 BACKWARD = [
@@ -135,10 +132,22 @@ BACKWARD = [
     # copied (4 bytes read) before each of the two GEMMs.
     ("mm: operand.contiguous()", CP, 1, 4, BLD, 0, 0), ("mm", G, 1, BLD + BEL, W_OUT, F_OUT, 0),
     ("mm: operand.contiguous()", CP, 1, 4, BLD, 0, 0), ("mm", G, 1, BLD + W_OUT, BEL, F_OUT, 0),
-    # mambar::bimamba_backward: dxz is allocated, not zeroed; the loop's forward direction
-    # writes its dx and dz halves, the reverse one adds into them.
-    *_direction_backward(False), *_direction_backward(True),
+    # mambar::bimamba_backward. One kernel zeroes what kernels add into: d(dt, B, C) of both
+    # directions (fp32 here, so dB and dC go straight into it) and per direction dA, dD,
+    # d dt_proj bias, the conv's dW and db. dxz is allocated, not zeroed.
+    ("_foreach_zero_", FL, 1, 0, 2 * XDBL + 2 * (A + 2 * VEC + WC + VEC), 0, 0),
+    *CONVS, *DELTA,                                   # recomputed; x_proj's output was kept
+    _scan_backward(False), _scan_backward(True),
+    # Back through delta for both directions at once: dW_dt = ddelta^T dt, and d dt =
+    # ddelta W_dt written into dx_dbl's first R columns.
+    ("bmm", G, 1, 2 * BEL + 2 * DT, 2 * W_DT, 2 * F_DTPROJ, 0),
+    ("bmm", G, 1, 2 * BEL + 2 * W_DT, 2 * DT, 2 * F_DTPROJ, 0),
+    *_x_proj_and_conv_backward(False), *_x_proj_and_conv_backward(True),
     ("mm", G, 1, XZ + BLD, W_IN, F_IN, 0), ("mm", G, 1, XZ + W_IN, BLD, F_IN, 0),  # in_proj
+    # MixerWeights' backward: the stacked dt_proj gradient copied out to the two
+    # parameters' gradients; dA_log = dA * A for both directions
+    ("_foreach_copy_", CP, 1, 2 * W_DT, 2 * W_DT, 0, 0),
+    ("_foreach_mul", EW, 1, 4 * A, 2 * A, 0, 0),
     # reads d_normed, the saved new residual, rstd, weight: the block's residual output is
     # unused here, so its gradient is None (materialize_grads off), not zeros to read; writes
     # d_hidden and d_residual (two tensors: neither leaf copies) and the d_weight partials,
@@ -181,9 +190,10 @@ def test_block_totals_keep_the_scan_apart(block_ledger):
     assert summary["scan"]["read_bytes"] == sum(r[3] for r in scan)
     assert summary["outside_scan"]["launches"] == sum(r[2] for r in every) - 4
     assert summary["outside_scan"]["written_bytes"] == sum(r[4] for r in every if r[1] != S)
-    # in_proj and out_proj: forward + 2 grads; per direction x_proj and dt_proj 4 (forward,
-    # recompute, 2 grads). The Triton conv, like the scan, books bytes, no FLOPs.
-    assert summary["total"]["flops"] == 3 * F_IN + 3 * F_OUT + 8 * F_XPROJ + 8 * F_DTPROJ
+    # in_proj and out_proj: forward + 2 grads; per direction x_proj 3 (forward, 2 grads: its
+    # output is kept) and dt_proj 4 (forward, recompute, 2 grads). The Triton conv, like the
+    # scan, books bytes, no FLOPs.
+    assert summary["total"]["flops"] == 3 * F_IN + 3 * F_OUT + 6 * F_XPROJ + 8 * F_DTPROJ
     assert T not in summary["by_kind"]
 
 
@@ -278,11 +288,30 @@ def test_fused_adamw_reads_four_tensors_and_writes_three_per_parameter():
             p.grad = torch.empty_like(p)
         optimizer.step()          # creates the state: zeros for the moments and steps
         optimizer.step()
-    rows = _rows(_booked(step), "")[-2:]
+    rows = _rows(_booked(step, "optimizer"), "optimizer")[-2:]
     # +1 on every step count (1 launch, 2 fp32 scalars), then one launch for 3 chunks of 2
     # tensors: param, grad, exp_avg, exp_avg_sq read (and the steps), three written back.
     assert rows == [("_foreach_add_", "optimizer", 1, 8, 8, 0, 0),
                     ("_fused_adamw_", "optimizer", 1, 16 * 71000 + 8, 12 * 71000, 0, 0)]
+
+
+def test_foreach_ops_take_one_launch_only_on_cudas_fast_route():
+    """multi_tensor_apply where every tensor is dense, the lists alike in sizes and strides
+    and of one dtype (``_foreach_copy_``: one per list, so it casts in one launch); a kernel
+    per tensor otherwise. Outside the optimizer each is booked as the work it does."""
+    def step():
+        a, b = torch.empty(8, 4, device="cuda"), torch.empty(3, device="cuda")
+        half = [torch.empty(8, 4, device="cuda", dtype=torch.bfloat16),
+                torch.empty(3, device="cuda", dtype=torch.bfloat16)]
+        torch._foreach_copy_(half, [a, b])                          # casts: fast
+        torch._foreach_zero_([a, b])                                # fast, reads nothing
+        torch._foreach_mul([a, b], half)                            # two dtypes: slow
+        torch._foreach_zero_([a.t(), torch.empty(8, 2, device="cuda")[:, 0]])  # strided: slow
+    rows = _rows(_booked(step, "forward"), "forward")
+    assert rows == [("_foreach_copy_", "copy/cast", 1, 35 * 4, 35 * 2, 0, 0),
+                    ("_foreach_zero_", "fill", 1, 0, 35 * 4, 0, 0),
+                    ("_foreach_mul", "elementwise/glue", 2, 35 * 6, 35 * 4, 0, 0),
+                    ("_foreach_zero_", "fill", 2, 0, 32 * 4 + 8 * 4, 0, 0)]
 
 
 def test_flash_attention_is_what_an_h100_runs():

@@ -12,7 +12,9 @@ from helpers import fake_causal_conv1d, fake_cuda_extension, triton_interpreted
 from selective_scan import cuda_kernels, mixer_op
 
 E, N, R, K = 12, 4, 2, 4          # channels, states, dt rank, conv width
-PARAMS = mixer_op.DIRECTION_PARAMS
+# One direction's parameters as the mixer holds them.
+PARAMS = ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias",
+          "A_log", "D")
 
 
 def make_inputs(batch=2, length=9, dtype=torch.float64, seed=0):
@@ -67,8 +69,19 @@ def spec_bimamba(xz, forward, backward):
     return y.transpose(1, 2)
 
 
+def op_args(xz, forward, backward):
+    """The op's tensor arguments from the parameters (``MixerWeights``' work, here by
+    autograd): both dt_proj weights stacked, A = -exp(A_log) in fp32."""
+    def direction(p):
+        return [p["conv_weight"], p["conv_bias"], p["x_proj_weight"], p["dt_proj_bias"],
+                -torch.exp(p["A_log"].float()), p["D"]]
+    return [xz, torch.stack([forward["dt_proj_weight"], backward["dt_proj_weight"]]),
+            *direction(forward), *direction(backward)]
+
+
 def run_op(xz, forward, backward, backend):
-    return mixer_op.bimamba(xz, *forward.values(), *backward.values(), backend)
+    out, _ = mixer_op.bimamba(*op_args(xz, forward, backward), backend)
+    return out
 
 
 def leaves_of(xz, forward, backward):
@@ -132,34 +145,40 @@ def test_op_matches_the_spec_with_every_gradient(monkeypatch, request, impl):
     for name, a, b in zip(leaf_names(), got_grads, torch.autograd.grad(want, leaves, g)):
         torch.testing.assert_close(a, b, **tol, msg=f"{impl}: gradient of {name}")
     if impl == "cuda":
-        # Per direction the conv kernel in the forward and in the backward's recompute; the
-        # scan's forward kernel again in the backward.
-        assert calls == ["conv", "fwd", "conv", "fwd", "conv", "fwd", "bwd", "conv", "fwd",
+        # Both directions' conv kernels, then their scans, in the forward and again in the
+        # backward's recompute; there each scan's forward kernel runs again before its
+        # backward.
+        assert calls == ["conv", "conv", "fwd", "fwd", "conv", "conv", "fwd", "bwd", "fwd",
                          "bwd"]
 
 
-def test_op_keeps_only_its_inputs_for_the_backward():
-    """xz (in_proj's output) and the weights: not u, delta, the conv's pre-activation or the
-    projection, each redone in the backward."""
+def test_op_keeps_its_inputs_and_the_x_proj_output_for_the_backward():
+    """xz (in_proj's output), the weights and x_proj's output (dt, B, C; R + 2N channels):
+    not u, delta, the conv's pre-activation or dt_proj's product, each redone in the
+    backward."""
     xz, forward, backward = make_inputs()
+    args = op_args(xz, forward, backward)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        out = run_op(xz, forward, backward, "torch")
+        out, x_dbl = mixer_op.bimamba(*args, "torch")
+    assert x_dbl.shape == (2, xz.shape[0], xz.shape[1], R + 2 * N)
     storages = {t.untyped_storage().data_ptr() for t in kept}
-    allowed = {t.untyped_storage().data_ptr() for t in leaves_of(xz, forward, backward)}
+    allowed = {t.untyped_storage().data_ptr() for t in (*args, x_dbl)}
     assert storages == allowed
-    assert out.grad_fn is not None
+    assert out.grad_fn is not None and not x_dbl.requires_grad
 
 
 def test_op_registration_passes_torch_library_opcheck():
     """Schema, fake (shape-only) implementation, autograd registration and AOT dispatch, as
     torch.compile will use them."""
     xz, forward, backward = make_inputs(dtype=torch.float32)
-    torch.library.opcheck(mixer_op.bimamba, (*leaves_of(xz, forward, backward), "torch"))
+    args = [t.detach().requires_grad_() for t in op_args(xz, forward, backward)]
+    torch.library.opcheck(mixer_op.bimamba, (*args, "torch"))
     with torch.no_grad():
         dout = torch.randn(xz.shape[0], xz.shape[1], E)
+        _, x_dbl = mixer_op.bimamba(*args, "torch")
     torch.library.opcheck(mixer_op.bimamba_backward,
-                          (dout, *(t.detach() for t in leaves_of(xz, forward, backward)),
+                          (dout, args[0].detach(), x_dbl, *(t.detach() for t in args[1:]),
                            "torch"))
 
 

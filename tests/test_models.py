@@ -120,12 +120,34 @@ def test_mixer_matches_two_flipped_oracle_scans(backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mixer_weights_equal_casts_stack_and_exp_under_autograd(dtype):
+    """``MixerWeights``' multi-tensor kernels give what per-tensor casts, a stack and
+    -exp(A_log) give, forward and backward, to the bit; gradients in the parameters'
+    dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 3), (3, 4), (5, 4), (5, 4), (4, 2), (4, 2), (4, 3), (4, 3)]
+    leaves = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    n_cast = 4 if dtype != torch.float32 else 0       # the mixer casts only under autocast
+    inputs = leaves if n_cast else leaves[4:]
+    got = vm.MixerWeights.apply(dtype, n_cast, *inputs)
+    want = [*(w.to(dtype) for w in leaves[:n_cast]),
+            torch.stack(leaves[4:6]).to(dtype), *(-torch.exp(a) for a in leaves[6:])]
+    assert [t.dtype for t in got] == [t.dtype for t in want]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in want]
+    for a, b in zip(torch.autograd.grad(got, inputs, grads),
+                    torch.autograd.grad(want, inputs, grads)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_block_keeps_only_what_its_backward_cannot_cheaply_redo():
     """What a block holds for the backward, per token: the fp32 residual and RMSNorm's
     normalised copy (2D on the CPU; the fused CUDA norm keeps just the input), the norm's
-    output for in_proj (D), xz for the mixer's op (2E = 4D), the out_proj input (E = 2D) and
-    RMSNorm's rstd. Not u, delta, the conv pre-activation or the low-rank projection of either
-    direction, which the op redoes in its backward (those added about 18D floats per token)."""
+    output for in_proj (D), xz for the mixer's op (2E = 4D), both directions' x_proj output
+    (dt, B, C: 2 (R + 2N)), the out_proj input (E = 2D) and RMSNorm's rstd. Not u, delta, the
+    conv pre-activation or dt_proj's product of either direction, which the op redoes in its
+    backward (those added about 16D floats per token)."""
     dim, length = 32, 16
     block = vm.Block(dim, scan_backend="torch")
 
@@ -144,7 +166,8 @@ def test_block_keeps_only_what_its_backward_cannot_cheaply_redo():
         return sum(storages.values())
 
     per_token = (kept_bytes(4) - kept_bytes(2)) / (2 * length) / 4   # fp32 values
-    expected = 2 * dim + dim + 4 * dim + 2 * dim + 1
+    x_proj_out = block.mixer.dt_rank + 2 * block.mixer.d_state
+    expected = 2 * dim + dim + 4 * dim + 2 * x_proj_out + 2 * dim + 1
     assert expected - 1 <= per_token <= expected + 1, (per_token, expected)
 
 

@@ -156,7 +156,12 @@ def test_output_arguments_are_checked():
              "needs a dz"),
             (lambda: sst.scan_backward(*inputs, dout, True, False,
                                        dB=torch.zeros(1, 4, 5, dtype=torch.float64)),
-             "dB: expected torch.float32")]:
+             "dB: expected torch.float32"),
+            (lambda: sst.scan_backward(*inputs, dout, True, False,
+                                       dA=torch.zeros(8, 4, dtype=torch.bfloat16)),
+             "dA: expected torch.float32"),
+            (lambda: sst.scan_backward(*inputs, dout, True, False,
+                                       dD=torch.zeros(8, 2)[:, 0]), "must be contiguous")]:
         with pytest.raises(ValueError, match=message):
             call()
 

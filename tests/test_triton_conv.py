@@ -192,6 +192,25 @@ def test_backward_accumulates_into_dx():
         ct.conv_silu_backward(du, x, w, b, True, accumulate=True)
 
 
+def test_backward_adds_weight_gradients_into_given_buffers():
+    """dW and db into zeroed fp32 buffers the caller gives (the mixer zeroes all of its
+    buffers by one launch): returned as given, checked when malformed."""
+    B, E, L = 2, 24, 17
+    x, w, b, du = make(B, E, L, 4)
+    dweight = torch.zeros(E, 1, 4, device=DEVICE)
+    dbias = torch.zeros(E, device=DEVICE)
+    _, dw, db = ct.conv_silu_backward(du, x, w, b, True, dweight=dweight, dbias=dbias)
+    assert dw is dweight and db is dbias
+    _, _, rdw, rdb = reference_grads(du, x, w, b, True)
+    close(dw, rdw, torch.float32)
+    close(db, rdb, torch.float32)
+    with pytest.raises(ValueError, match="dweight"):
+        ct.conv_silu_backward(du, x, w, b, dweight=torch.zeros(E, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="dbias"):
+        ct.conv_silu_backward(du, x, w, b, dbias=torch.zeros(E, dtype=torch.float64,
+                                                              device=DEVICE))
+
+
 def test_forward_into_slice():
     """The lower-level launcher writes u through out's strides only."""
     B, E, L = 2, 5, 17

@@ -309,7 +309,8 @@ _NOT_READ = {aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like,
              aten.new_empty_strided, aten.rand_like, aten.randn_like}
 # In-place ops that overwrite their destination without reading it.
 _WRITE_ONLY = {aten.copy_, aten.fill_, aten.zero_, aten.uniform_, aten.normal_,
-               aten.random_, aten.bernoulli_, aten.exponential_}
+               aten.random_, aten.bernoulli_, aten.exponential_, aten._foreach_copy_,
+               aten._foreach_zero_}
 # No kernel: allocation, aliasing, metadata.
 _FREE = {aten.detach, aten.alias, aten._unsafe_view, aten.empty, aten.empty_strided,
          aten.empty_like, aten.new_empty, aten.new_empty_strided, aten.lift_fresh,
@@ -521,6 +522,11 @@ def _gemm(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Tensor
     # The GEMM reads the copies, all of their elements.
     record.read += sum(m.numel() * m.element_size() - _footprint(m)
                        for m in mats if not _cublas_ready(m))
+    if isinstance(out, Tensor) and not _cublas_ready(out):
+        # A result cuBLAS cannot write through (an out= view) is computed in a contiguous
+        # clone of it, copied back after.
+        records.append(_copy(f"{packet.__name__}: result clone", out))
+        records.append(_copy(f"{packet.__name__}: result copy_", out))
     # addmm_ adds into self, which cuBLAS reads as C itself (beta): no copy first.
     if packet is aten.addmm:
         bias, beta = args[0], kwargs.get("beta", 1)
@@ -557,6 +563,22 @@ def mta_launches(numels: Sequence[int], max_tensors: int) -> int:
     return launches + (blocks > 0)
 
 
+def _foreach_fast_route(func: Any, lists: Sequence[Sequence[Tensor]]) -> bool:
+    """Whether CUDA runs a foreach op by ``multi_tensor_apply`` (ATen's ``can_use_fast_route``,
+    ForeachUtils.h): every tensor dense, the lists alike in sizes and strides, and one dtype
+    for all (``_foreach_copy_``: one per list, so that it can cast). Else it loops over the
+    tensors, a kernel each."""
+    dense = torch._prims_common.is_non_overlapping_and_dense_or_false
+    if not all(dense(t) for ts in lists for t in ts):
+        return False
+    if any(a.shape != b.shape or a.stride() != b.stride()
+           for ts in lists[1:] for a, b in zip(lists[0], ts)):
+        return False
+    if func._overloadpacket is aten._foreach_copy_:
+        return all(len({t.dtype for t in ts}) == 1 for ts in lists)
+    return len({t.dtype for ts in lists for t in ts}) == 1
+
+
 def _foreach(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Any
              ) -> List[Record]:
     lists = [v for a, v in _arguments(func, args, kwargs)
@@ -566,8 +588,12 @@ def _foreach(func: Any, args: Sequence[Any], kwargs: Dict[str, Any], out: Any
                       for _, v in _arguments(func, args, kwargs))
     table = _MTA_TENSORS_SCALARLIST if scalar_list else _MTA_TENSORS
     record = _record(func, args, kwargs, out)
-    record.kind = "optimizer"
-    record.launches = mta_launches([t.numel() for t in lists[0]], table[depth - 1])
+    name = func._overloadpacket.__name__
+    record.kind = ("optimizer" if _ACTIVE[-1].phase == "optimizer" else
+                   "copy/cast" if name.startswith("_foreach_copy") else
+                   "fill" if name.startswith("_foreach_zero") else "elementwise/glue")
+    record.launches = (mta_launches([t.numel() for t in lists[0]], table[depth - 1])
+                       if _foreach_fast_route(func, lists) else len(lists[0]))
     return [record]
 
 
