@@ -15,6 +15,7 @@ The stage scripts open that parent with this file's command line:
         reuses the run whose id FILE holds if the store has it, else creates one and writes
         its id to FILE; prints the id
     python tracking.py end --marker FILE --status FINISHED|FAILED|KILLED
+        ends it; prints where MLflow's UI shows its experiment's runs table
 """
 import argparse
 import logging
@@ -286,6 +287,19 @@ def start(args, device: torch.device, params: Dict[str, object],
     return tracker
 
 
+def ui_address(client, run_id: str) -> str:
+    """Where MLflow's UI shows a run's experiment on its runs table: the address carries
+    ``workflowType``, which UI releases with a GenAI / model training switch follow rather
+    than the experiment's kind. A local store needs ``mlflow ui`` started first."""
+    page = (f"#/experiments/{client.get_run(run_id).info.experiment_id}"
+            "?workflowType=machine_learning")
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return (f"{shlex.quote(sys.executable)} -m mlflow ui --backend-store-uri {uri}, then "
+            f"http://127.0.0.1:5000/{page}")
+
+
 def _open_parent(marker: str, name: str, tags: Dict[str, str]) -> str:
     from mlflow.tracking.context.registry import resolve_tags
     client = _client()
@@ -317,7 +331,9 @@ def cli(argv=None) -> int:
             tags = dict(t.split("=", 1) for t in args.tag)
             print(_open_parent(args.marker, args.name, tags))
         elif _read_id(args.marker):
-            _client().set_terminated(_read_id(args.marker), args.status)
+            client = _client()
+            client.set_terminated(_read_id(args.marker), args.status)
+            print(f"MLflow: {ui_address(client, _read_id(args.marker))}")
     except Exception as err:
         _warn(f"MLflow parent run ({args.command}): {utils.error_line(err)}")
     return 0

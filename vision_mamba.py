@@ -108,7 +108,8 @@ class BiMambaMixer(nn.Module):
 
     ``_scan_direction`` shows a direction's math as the reference path (plain autograd); every
     other backend runs both directions as one custom op (``mixer_op.bimamba``), which keeps
-    only its inputs for the backward and is a single node to ``torch.compile``.
+    its inputs and the small x_proj outputs for the backward and is a single node to
+    ``torch.compile``, on parameters prepared by ``MixerWeights``.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,

@@ -2,6 +2,8 @@
 with a tagged child per stage, each run's metrics as in log.txt, its step-level curves and its
 files; one MLflow run across a SIGTERM and the resume; a store that is down costing no
 training; and end to end (slow) a size script's stages under one parent across a rerun."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -88,11 +90,13 @@ def schedule(empty_store, data, tmp_path_factory):
         assert main.cli(common + ["--eval", "--resume", str(out / "checkpoint.pth")]) == 0
         assert tracking.cli(opening) == 0
         assert marker.read_text().strip() == parent
-        assert tracking.cli(["end", "--marker", str(marker), "--status", "FINISHED"]) == 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert tracking.cli(["end", "--marker", str(marker), "--status", "FINISHED"]) == 0
     runs = {r.info.run_name: r for r in runs_of(client)}
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     return SimpleNamespace(client=client, runs=runs, parent=parent, out=out, lines=lines,
-                           data=data)
+                           data=data, uri=uri, printed=printed.getvalue())
 
 
 def evaluate_by_hand(state_dict, data):
@@ -222,6 +226,11 @@ def test_the_schedule_is_one_parent_run_with_a_tagged_child_per_stage(schedule):
             "mlflow.source.git.commit": commit}
     experiment = client.get_experiment_by_name("mambar")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # Ending the schedule prints where the UI shows that experiment's runs table.
+    assert schedule.printed == (
+        f"MLflow: {sys.executable} -m mlflow ui --backend-store-uri {schedule.uri}, then "
+        "http://127.0.0.1:5000/"
+        f"#/experiments/{experiment.experiment_id}?workflowType=machine_learning\n")
 
 
 # --------------------------------------------------------------------------- one run, resumed
