@@ -352,10 +352,10 @@ def bimamba_backward(dout: Tensor, xz: Tensor, x_dbl: Tensor, dt_proj_weight: Te
                     ddelta_bias=dbias)[0])
         # Back through delta = W_dt dt for both directions at once: W_dt's gradient
         # (2, E, R) and d dt into dx_dbl's first R channels.
-        weight = dt_proj_weight.to(ddelta.dtype)
         ddt_proj = torch.bmm(_stacked_tokens(ddelta).transpose(1, 2),
                              _stacked_tokens(x_dbl[..., :rank]))
-        torch.bmm(_stacked_tokens(ddelta), weight, out=_stacked_tokens(dx_dbl[..., :rank]))
+        torch.bmm(_stacked_tokens(ddelta), dt_proj_weight.to(ddelta.dtype),
+                  out=_stacked_tokens(dx_dbl[..., :rank]))
         if acc.dbc.dtype != dx_dbl.dtype:
             dx_dbl[..., rank:].copy_(acc.dbc)
         grads = [dxz, ddt_proj.to(dt_proj_weight.dtype)]
