@@ -101,10 +101,9 @@ def _into_buffers(backward: Callable) -> Callable:
     Triton conv's: dx copied or added where asked, dW and db added into given buffers."""
     def run(du, x, weight, bias, reverse, dx=None, accumulate=False, dweight=None, dbias=None):
         grad_x, grad_weight, grad_bias = backward(du, x, weight, bias, reverse)
-        if dbias is not None and grad_bias is not None:
-            grad_bias = put(grad_bias, dbias, accumulate=True)
         return (put(grad_x, dx, accumulate=accumulate),
-                put(grad_weight, dweight, accumulate=True), grad_bias)
+                put(grad_weight, dweight, accumulate=True),
+                None if grad_bias is None else put(grad_bias, dbias, accumulate=True))
     return run
 
 
@@ -112,11 +111,12 @@ def conv_kernels(backend: str, x: Tensor) -> Tuple[Callable, Callable]:
     """The (forward, backward) pair of SiLU(conv) for a concrete backend and input:
     ``forward(x, weight, bias, reverse) -> u`` and ``backward(du, x, weight, bias, reverse,
     dx=None, accumulate=False, dweight=None, dbias=None) -> (dx, dweight, dbias)``, dx
-    written into (or added to) the given tensor, dW and db added into the given ones. The ``triton`` backend runs the fused Triton conv (``triton_conv.py``: x read
-    in place, u channel-minor, dW and db reduced in the kernel); causal-conv1d's kernel runs
-    the ``cuda`` forward; on the CPU the compiled scan's module has the conv too (fp32/fp64),
-    since oneDNN's depthwise conv backward costs 10x its forward at the model's sizes;
-    PyTorch's conv everywhere else."""
+    written into (or added to) the given tensor, dW and db added into the given ones. The
+    ``triton`` backend runs the fused Triton conv (``triton_conv.py``: x read in place, u
+    channel-minor, dW and db reduced in the kernel); causal-conv1d's kernel runs the ``cuda``
+    forward; on the CPU the compiled scan's module has the conv too (fp32/fp64), since
+    oneDNN's depthwise conv backward costs 10x its forward at the model's sizes; PyTorch's
+    conv everywhere else."""
     if backend == "triton":
         module = importlib.import_module(".triton_conv", __package__)
         return module.conv_silu_forward, module.conv_silu_backward

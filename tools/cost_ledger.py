@@ -48,9 +48,9 @@ Three things insist on a real GPU, and the ledger works around each (only for th
   the scan to the plain Triton kernels (the Gluon ones are opt-in).
 
 Run ``python tools/cost_ledger.py --model mambar_base_patch16_224 --batch 128 --dtype bf16
---reference deit_base_patch16_224``, or ``python benchmark.py --ledger --model ...``. Without a GPU, set no ``TRITON_INTERPRET``: under the
-interpreter the scan modules keep one small autotuning config, which changes the backward's
-scratch.
+--reference deit_base_patch16_224``, or ``python benchmark.py --ledger --model ...``. Without
+a GPU, set no ``TRITON_INTERPRET``: under the interpreter the scan modules keep one small
+autotuning config, which changes the backward's scratch.
 """
 from __future__ import annotations
 
